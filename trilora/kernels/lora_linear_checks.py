@@ -1,0 +1,113 @@
+"""Input checks of `lora_linear`: every bad input gets an error that names the problem.
+
+The quant state is duck-typed (absmax, code, blocksize, shape, nested_absmax, nested_code,
+offset, nested_blocksize): the kernels layer does not import `trilora.quant`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .backend import check_same_device
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_quant_state(weight: torch.Tensor, quant_state, in_features: int) -> tuple[int, int]:
+    """(out, in) of a packed 4-bit base; raises when the bytes and the state do not fit."""
+    if weight.dtype != torch.uint8:
+        raise TypeError(f"quant_state was given, so weight must be the packed uint8 4-bit tensor, "
+                        f"got {weight.dtype}")
+    for name in ("absmax", "code", "blocksize", "shape"):
+        if getattr(quant_state, name, None) is None:
+            raise TypeError(f"quant_state lacks '{name}' (expected a QuantState-like object)")
+    shape = tuple(quant_state.shape)
+    if len(shape) != 2:
+        raise ValueError(f"quant_state.shape must be [out, in] of the base weight, got {list(shape)}")
+    n = math.prod(shape)
+    if weight.numel() != (n + 1) // 2:
+        raise ValueError(f"packed weight has {weight.numel()} bytes but quant_state.shape {list(shape)} "
+                         f"needs {(n + 1) // 2}: is the state from another tensor?")
+    if not weight.is_contiguous():
+        raise ValueError("the packed 4-bit weight must be contiguous")
+    blocksize = int(quant_state.blocksize)
+    nblocks = -(-n // blocksize) if blocksize > 0 else -1
+    if blocksize <= 0 or quant_state.absmax.numel() != nblocks:
+        raise ValueError(f"quant_state.absmax has {quant_state.absmax.numel()} entries; shape {list(shape)} "
+                         f"with blocksize {blocksize} needs {nblocks}")
+    if quant_state.code.numel() != 16:
+        raise ValueError(f"quant_state.code must have 16 entries, got {quant_state.code.numel()}")
+    nested = getattr(quant_state, "nested_absmax", None) is not None
+    if nested:
+        if getattr(quant_state, "nested_code", None) is None or getattr(quant_state, "offset", None) is None:
+            raise ValueError("a double-quantized quant_state needs nested_code and offset")
+        if quant_state.absmax.dtype != torch.uint8:
+            raise ValueError(f"a double-quantized quant_state needs uint8 absmax codes, got {quant_state.absmax.dtype}")
+        need = -(-nblocks // int(quant_state.nested_blocksize))
+        if quant_state.nested_absmax.numel() != need or quant_state.nested_code.numel() != 256:
+            raise ValueError(f"quant_state.nested_absmax has {quant_state.nested_absmax.numel()} entries "
+                             f"(needs {need}) and nested_code {quant_state.nested_code.numel()} (needs 256)")
+    elif not quant_state.absmax.is_floating_point():
+        raise ValueError(f"quant_state.absmax must be float without double quant, got {quant_state.absmax.dtype}")
+    if shape[1] != in_features:
+        raise ValueError(f"x has {in_features} input features but the 4-bit weight's shape is {list(shape)}")
+    return shape
+
+
+def check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, quant_state) -> None:
+    """Raise TypeError/ValueError naming the problem with `lora_linear`'s arguments."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., in] with in > 0, got shape {list(x.shape)}")
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite real number, got {scaling!r}")
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    in_features = x.shape[-1]
+
+    # the base weight: packed 4-bit with its state, or dense [out, in] in x's dtype
+    if quant_state is not None:
+        out_features = _check_quant_state(weight, quant_state, in_features)[0]
+    else:
+        if weight.dtype == torch.uint8:
+            raise TypeError("weight is uint8 (packed 4-bit?) but no quant_state was given")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [out, in], got shape {list(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+        if weight.shape[1] != in_features:
+            raise ValueError(f"x has {in_features} input features but weight is {list(weight.shape)} [out, in]")
+        out_features = weight.shape[0]
+
+    # the adapter
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_A must be [r, in] and lora_B [out, r], got {list(lora_A.shape)} "
+                         f"and {list(lora_B.shape)}")
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError(f"LoRA rank must be >= 1, lora_A has shape {list(lora_A.shape)}")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A is {list(lora_A.shape)} [r, in] but x has {in_features} input features")
+    if lora_B.shape[1] != r:
+        raise ValueError(f"lora_B is {list(lora_B.shape)} [out, r] but lora_A's rank is {r}")
+    if lora_B.shape[0] != out_features:
+        raise ValueError(f"lora_B is {list(lora_B.shape)} [out, r] but the base weight has {out_features} outputs")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match x dtype {x.dtype} "
+                            "(cast it, or run under torch.autocast)")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [{out_features}], got shape {list(bias.shape)}")
+
+    qs = quant_state
+    check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias,
+                      absmax=None if qs is None else qs.absmax, code=None if qs is None else qs.code,
+                      nested_absmax=None if qs is None else getattr(qs, "nested_absmax", None))

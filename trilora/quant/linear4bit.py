@@ -1,0 +1,162 @@
+"""`Linear4bit`: a frozen 4-bit linear layer whose state dict is bitsandbytes' own."""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import dequantize_4bit, quantize_4bit, validate_quant_state
+from .state import QuantState
+
+
+class Linear4bit(nn.Module):
+    """`y = x Wᵀ + b` with W stored as 4-bit NF4/FP4 in bitsandbytes' exact layout.
+
+    `state_dict()` has bnb's keys, dtypes and shapes: `weight` (uint8 [(out*in+1)//2, 1]),
+    `bias`, and `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+    `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4|fp4`. `load_state_dict`
+    takes such a dict (from bnb, from a quantized HF checkpoint, or from us), or a dense
+    `nn.Linear` state dict, which it quantizes. The weight is frozen; the bias may train.
+
+    Args:
+        compute_dtype: dtype the matmul runs in; None = the input's dtype.
+        dtype: dtype of the (randomly initialised, like nn.Linear) weight before quantization,
+            which is also the quant state's dtype and the bias dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                 compute_dtype: torch.dtype | None = None, device=None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from_dense(dense.weight.detach(), dense.bias, quant_type, blocksize,
+                              double_quant, compute_dtype)
+
+    def _init_from_dense(self, weight, bias, quant_type, blocksize, double_quant, compute_dtype,
+                         backend: str = "auto"):
+        self.out_features, self.in_features = weight.shape
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+        packed, self.quant_state = quantize_4bit(weight, quant_type, blocksize, double_quant, backend)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                    backend: str = "auto") -> "Linear4bit":
+        """Quantize an `nn.Linear` (its weight dtype becomes the quant state's dtype)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._init_from_dense(linear.weight.detach(), linear.bias, quant_type, blocksize,
+                                double_quant, compute_dtype, backend)
+        return module
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight [out, in] in `dtype` (default: the dtype it was quantized from)."""
+        return dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.dequantize(dtype), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}")
+
+    # ------------------------------------------------------------------ device moves
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to(device)` moves the quant state with the weight; dtype casts (`.half()`) leave
+        # it alone: the absmax and tables must stay fp32 / uint8.
+        super()._apply(fn, *args, **kwargs)
+        if self.quant_state.device != self.weight.device:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    # ------------------------------------------------------------------ bnb state dict
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self.quant_state.to_bnb_dict().items():
+            destination[f"{prefix}weight.{key}"] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        wkey = prefix + "weight"
+        if wkey in state_dict:
+            try:
+                self._load_weight(state_dict[wkey], {k[len(wkey) + 1:]: v for k, v in state_dict.items()
+                                                     if k.startswith(wkey + ".")})
+            except (ValueError, TypeError) as err:
+                error_msgs.append(f"{wkey}: {err}")
+                return
+        # the weight and its `weight.*` quant-state entries are consumed above (torch would
+        # report the dotted ones as unexpected keys)
+        rest = {k: v for k, v in state_dict.items() if k != wkey and not k.startswith(wkey + ".")}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if wkey in state_dict and wkey in missing_keys:
+            missing_keys.remove(wkey)
+
+    def _load_weight(self, weight: torch.Tensor, quant_entries: dict[str, torch.Tensor]) -> None:
+        device = self.weight.device
+        want = (self.out_features, self.in_features)
+        if quant_entries:
+            state = QuantState.from_bnb_dict(quant_entries).to(device)
+            packed = weight.to(device)
+            validate_quant_state(packed, state)
+            if tuple(state.shape) != want:
+                raise ValueError(f"checkpoint weight has shape {tuple(state.shape)}, this layer is {want}")
+        elif weight.is_floating_point():
+            if tuple(weight.shape) != want:
+                raise ValueError(f"dense weight has shape {tuple(weight.shape)}, this layer is {want}")
+            packed, state = quantize_4bit(weight.to(device), self.quant_type, self.blocksize,
+                                          self.double_quant)
+        else:
+            raise ValueError("a packed 4-bit weight needs its quant state entries "
+                             "(weight.absmax, weight.quant_map, weight.quant_state.bitsandbytes__*)")
+        self.weight = nn.Parameter(packed.clone(), requires_grad=False)
+        self.quant_state = state
+        self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(name == p or leaf == p or re.fullmatch(p, name) for p in patterns)
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                   skip: Iterable[str] = ("lm_head",), backend: str = "auto") -> nn.Module:
+    """Replace every `nn.Linear` of `model` in place by a `Linear4bit`, and return `model`.
+
+    `skip` holds module names (full dotted path, last component, or a regex over the full
+    path) left in 16 bits; the LM head by default, as bitsandbytes and HF do.
+    """
+    skip = tuple(skip)
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and not _matches(name, skip)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, blocksize, double_quant,
+                                                      compute_dtype, backend))
+    return model
+
+
+def count_4bit_bytes(model: nn.Module) -> int:
+    """Bytes held by the packed 4-bit weights of `model` (for memory reports)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
+
+
+__all__ = ["Linear4bit", "quantize_model", "count_4bit_bytes"]
