@@ -8,6 +8,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # on a small shared CPU, torch's worker threads spin-wait while another process is busy
+    # (a 0.5 s test took 43 s); the tensors here are tiny, one thread is fastest
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

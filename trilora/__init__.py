@@ -1,2 +1,15 @@
-"""trilora: fast, exact LoRA / QLoRA fine-tuning with fused Triton kernels."""
+"""trilora: fast, exact LoRA / QLoRA fine-tuning with fused Triton kernels.
+
+Subpackages: `trilora.kernels` (Triton kernels), `trilora.quant` (4-bit weights),
+`trilora.lora` (adapters), `trilora.trainer` (the trainer). `trilora.load_model` is
+`trilora.trainer.load_model`, imported on first use so that importing the adapter layer
+never pulls in the trainer.
+"""
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "load_model":
+        from .trainer.loading import load_model
+        return load_model
+    raise AttributeError(f"module 'trilora' has no attribute {name!r}")

@@ -135,10 +135,11 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 operands: TF32 only where torch's own matmuls may use it (float32_matmul_precision).
-    if dtype == torch.float32 and not interpreter_active() and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    # fp32 operands: TF32 only where torch's own fp32 matmuls may use it (float32_matmul_precision),
+    # else exact fp32 ("ieee"). fp16/bf16 operands ignore it; "tf32" is Triton's default there.
+    if dtype == torch.float32 and (interpreter_active() or torch.get_float32_matmul_precision() == "highest"):
+        return "ieee"
+    return "tf32"
 
 
 def _rank_block(r: int) -> int:
@@ -151,24 +152,24 @@ def _base_args(weight: torch.Tensor, quant_state, dtype: torch.dtype, m: int) ->
         return weight, weight.stride(0), weight.stride(1), (weight,) * 5, \
             dict(QUANT=False, NESTED=False, BLOCKSIZE=1, NESTED_BLOCKSIZE=1)
     n_out, k_in = quant_state.shape
+    code, packed = quant_state.code.float(), weight.reshape(-1)
     nested = quant_state.nested_absmax is not None
-    code = quant_state.code.float()
-    packed = weight.reshape(-1)
-    if DEQUANT_BUFFER_MIN_M is not None and m >= DEQUANT_BUFFER_MIN_M:
-        # scratch W in x's dtype, dropped when the launch returns
-        kw = dict(nested_absmax=quant_state.nested_absmax, nested_code=quant_state.nested_code.float(),
-                  offset=quant_state.offset, nested_blocksize=quant_state.nested_blocksize) if nested else {}
-        dense = dequantize_4bit_triton(packed, quant_state.absmax, code, quant_state.blocksize,
-                                       n_out * k_in, dtype, **kw).view(n_out, k_in)
-        return _base_args(dense, None, dtype, m)
     if nested:
         offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=weight.device).reshape(1)
-        extra = (quant_state.absmax, code, quant_state.nested_absmax.float(),
-                 quant_state.nested_code.float(), offset)
+        extra = (quant_state.absmax, code, quant_state.nested_absmax.float(), quant_state.nested_code.float(),
+                 offset)
     else:
-        extra = (quant_state.absmax, code, code, code, code)
+        extra = (quant_state.absmax, code, code, code, code)  # unused pointers
+    nested_blocksize = int(quant_state.nested_blocksize) if nested else 1
+    if DEQUANT_BUFFER_MIN_M is not None and m >= DEQUANT_BUFFER_MIN_M:
+        # scratch W in x's dtype (same numbers as the in-loop tiles), freed after the launch
+        kw = dict(nested_absmax=extra[2], nested_code=extra[3], offset=extra[4],
+                  nested_blocksize=nested_blocksize) if nested else {}
+        dense = dequantize_4bit_triton(packed, quant_state.absmax, code, int(quant_state.blocksize),
+                                       n_out * k_in, dtype, **kw).view(n_out, k_in)
+        return _base_args(dense, None, dtype, m)
     return packed, 0, 0, extra, dict(QUANT=True, NESTED=nested, BLOCKSIZE=int(quant_state.blocksize),
-                                     NESTED_BLOCKSIZE=int(quant_state.nested_blocksize) if nested else 1)
+                                     NESTED_BLOCKSIZE=nested_blocksize)
 
 
 def _lowrank(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, p: float) -> torch.Tensor:
@@ -324,8 +325,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         scaling: the LoRA scale (alpha / r).
         dropout_p: dropout probability in [0, 1) on the LoRA branch's input (always applied).
         backend: "auto" (Triton on CUDA or under the interpreter), "triton" or "torch".
-        seed: dropout seed; None draws one from torch's default generator. Both backends
-            derive the same mask from it (`lora_dropout_mask`).
+        seed: dropout seed. Given, both backends derive the same mask from it
+            (`lora_dropout_mask`); None: the Triton path draws one from torch's default
+            generator, the torch path uses F.dropout.
 
     Under torch.autocast the float inputs are cast to the autocast dtype first.
     Returns [..., out] in x's (compute) dtype.
@@ -339,11 +341,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     use = resolve_backend(backend, x)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if use == "torch":  # with an explicit seed, the kernels' mask (replayed); else F.dropout's
+        mask = lora_dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 and seed is not None else None
+        return lora_linear_ref(x, weight, lora_A, lora_B, float(scaling), bias, dropout_p, quant_state, mask)
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    if use == "torch":
-        mask = lora_dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 else None
-        return lora_linear_ref(x, weight, lora_A, lora_B, float(scaling), bias, dropout_p, quant_state, mask)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("lora_linear treats the base weight as frozen and computes no gradient for it; "
                          "set weight.requires_grad_(False) (or use backend='torch')")

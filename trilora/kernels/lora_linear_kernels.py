@@ -39,8 +39,9 @@ if HAS_TRITON:
     def _load_base_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                         rows, cols, N, K, stride_wn, stride_wk,
                         QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                        NESTED_BLOCKSIZE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-        """Tile W[rows, cols] of the base weight [N, K] in OUT_DTYPE, zero outside W.
+                        NESTED_BLOCKSIZE: tl.constexpr):
+        """Tile W[rows, cols] of the base weight [N, K], zero outside W: W's dtype when dense,
+        fp32 `code[nibble] * absmax` when QUANT (the caller rounds it once to x's dtype).
 
         `rows`/`cols` are broadcastable index tensors ([1, BN] and [BK, 1] give Wᵀ's tile).
         QUANT: W is packed 4-bit, element i = row*K + col (flat, row-major) sits in byte i//2,
@@ -50,7 +51,7 @@ if HAS_TRITON:
         if QUANT:
             i = rows.to(tl.int64) * K + cols
             byte = tl.load(w_ptr + i // 2, mask=inside, other=0).to(tl.int32)
-            nibble = (byte >> (4 * (i & 1)).to(tl.int32)) & 0xF
+            nibble = (byte >> (4 - 4 * (i & 1)).to(tl.int32)) & 0xF
             blk = i // BLOCKSIZE
             if NESTED:  # double quant: the absmax is itself 8-bit, restored here
                 q = tl.load(absmax_ptr + blk, mask=inside, other=0).to(tl.int32)
@@ -59,10 +60,9 @@ if HAS_TRITON:
             else:
                 absmax = tl.load(absmax_ptr + blk, mask=inside, other=0.0)
             w = tl.load(code_ptr + nibble) * absmax  # fp32, exactly dequantize_4bit's product
-            w = tl.where(inside, w, 0.0).to(OUT_DTYPE)
+            w = tl.where(inside, w, 0.0)
         else:
             w = tl.load(w_ptr + rows * stride_wn + cols * stride_wk, mask=inside, other=0.0)
-            w = w.to(OUT_DTYPE)
         return w
 
     @triton.jit
@@ -82,7 +82,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # 1. map program id to an output tile [BLOCK_M, BLOCK_R]
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·K may pass 2**31
         offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         # 2./3. K-loop over the shared dimension
@@ -132,7 +132,7 @@ if HAS_TRITON:
         group_size = min(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
         pid_n = (pid % (GROUP_M * num_n)) // group_size
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·K may pass 2**31
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         compute_dtype = y_ptr.dtype.element_ty
 
@@ -144,8 +144,9 @@ if HAS_TRITON:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_ok, other=0.0)
             w_t = _load_base_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                                   offset_ptr, offs_n[None, :], offs_k[:, None], N, K, stride_wn, stride_wk,
-                                  QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE, compute_dtype)  # [BK, BN]
-            acc = tl.dot(x.to(DOT_DTYPE), w_t.to(DOT_DTYPE), acc, input_precision=PRECISION)
+                                  QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE)  # [BK, BN]
+            w_t = w_t.to(compute_dtype).to(DOT_DTYPE)
+            acc = tl.dot(x.to(DOT_DTYPE), w_t, acc, input_precision=PRECISION)
 
         # 4. low-rank K-segment into the same accumulator: acc += t @ Bᵀ
         for r0 in range(0, R, BLOCK_K):
@@ -196,7 +197,7 @@ if HAS_TRITON:
         group_size = min(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * num_k)) % group_size
         pid_k = (pid % (GROUP_M * num_k)) // group_size
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·K may pass 2**31
         offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
         compute_dtype = dx_ptr.dtype.element_ty
 
@@ -208,8 +209,9 @@ if HAS_TRITON:
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=dy_ok, other=0.0)
             w = _load_base_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
                                 offset_ptr, offs_n[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
-                                QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE, compute_dtype)  # [BK, BN]
-            acc = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+                                QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE)  # [BK, BN]
+            w = w.to(compute_dtype).to(DOT_DTYPE)
+            acc = tl.dot(dy.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
 
         # 4. low-rank term (u A) in its own accumulator: dropout's mask multiplies it alone
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -251,7 +253,7 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
         # 2./3. reduction over the rows (tokens) of both operands
         for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             a_ok = (offs_p[:, None] < P) & (offs_m[None, :] < M)
             a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + offs_p[:, None] * stride_ap, mask=a_ok, other=0.0)
             b_ok = (offs_m[:, None] < M) & (offs_q[None, :] < Q)
@@ -267,7 +269,7 @@ if HAS_TRITON:
     @triton.jit
     def _dropout_keep_kernel(out_ptr, seed, p, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """Materialise the keep-mask bool [M, K] (for tests and the reference only)."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         keep = _dropout_keep(seed, offs_m[:, None], offs_k[None, :], K, p)
         ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)

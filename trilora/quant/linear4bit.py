@@ -40,10 +40,8 @@ class Linear4bit(nn.Module):
     def _init_from_dense(self, weight, bias, quant_type, blocksize, double_quant, compute_dtype,
                          backend: str = "auto"):
         self.out_features, self.in_features = weight.shape
-        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.compute_dtype = compute_dtype
-        packed, self.quant_state = quantize_4bit(weight, quant_type, blocksize, double_quant, backend)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self._set_quantized(*quantize_4bit(weight, quant_type, blocksize, double_quant, backend))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     @classmethod
@@ -53,11 +51,47 @@ class Linear4bit(nn.Module):
         """Quantize an `nn.Linear` (its weight dtype becomes the quant state's dtype)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        return cls.from_dense(linear.weight, linear.bias, quant_type, blocksize, double_quant,
+                              compute_dtype, backend)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype | None = None, backend: str = "auto") -> "Linear4bit":
+        """Quantize a dense weight [out, in] (and keep `bias` [out], which may be on `meta`
+        until loaded) without building an `nn.Linear` first."""
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._init_from_dense(linear.weight.detach(), linear.bias, quant_type, blocksize,
-                                double_quant, compute_dtype, backend)
+        module._init_from_dense(weight.detach(), bias, quant_type, blocksize, double_quant,
+                                compute_dtype, backend)
         return module
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor],
+                        compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+        """Build a layer from a bitsandbytes-format state dict (`weight`, `weight.*`, optional `bias`)."""
+        if "weight" not in state_dict:
+            raise ValueError("a Linear4bit state dict needs 'weight'")
+        state = QuantState.from_bnb_dict({k[len("weight."):]: v for k, v in state_dict.items()
+                                          if k.startswith("weight.")})
+        validate_quant_state(state_dict["weight"], state)
+        if len(state.shape) != 2:
+            raise ValueError(f"a linear weight must be 2-D, the state says {tuple(state.shape)}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.out_features, module.in_features = state.shape
+        module.compute_dtype = compute_dtype
+        module._set_quantized(state_dict["weight"].clone(), state)
+        bias = state_dict.get("bias")
+        module.bias = None if bias is None else nn.Parameter(bias.clone())
+        return module
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+        self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] in `dtype` (default: the dtype it was quantized from)."""
@@ -113,7 +147,7 @@ class Linear4bit(nn.Module):
         want = (self.out_features, self.in_features)
         if quant_entries:
             state = QuantState.from_bnb_dict(quant_entries).to(device)
-            packed = weight.to(device)
+            packed = weight.to(device).clone()
             validate_quant_state(packed, state)
             if tuple(state.shape) != want:
                 raise ValueError(f"checkpoint weight has shape {tuple(state.shape)}, this layer is {want}")
@@ -125,9 +159,7 @@ class Linear4bit(nn.Module):
         else:
             raise ValueError("a packed 4-bit weight needs its quant state entries "
                              "(weight.absmax, weight.quant_map, weight.quant_state.bitsandbytes__*)")
-        self.weight = nn.Parameter(packed.clone(), requires_grad=False)
-        self.quant_state = state
-        self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
+        self._set_quantized(packed, state)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

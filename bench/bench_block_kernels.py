@@ -1,0 +1,205 @@
+"""Benchmark: the transformer-block kernels (RMSNorm, RoPE, SwiGLU, fused lm_head + cross-entropy)
+against the HF modules they replace, on a GPU, at Llama-3-8B-like shapes.
+
+Shapes: 8192 tokens (batch 4 × 2048), hidden 4096, intermediate 14336, 32 query / 8 key-value
+heads of dim 128, vocab 128256; bf16. Modes: "fwd" and "fwd+bwd" (gradients by
+torch.autograd.grad, so no .grad accumulation is timed). Baseline "hf_module": LlamaRMSNorm /
+GemmaRMSNorm, HF's apply_rotary_pos_emb, `ACT2FN["silu"](gate) * up`, and lm_head (F.linear) +
+HF's ForCausalLMLoss (fp32 upcast of the logits). ratio = ours_ms / baseline_ms (< 1: ours
+faster). achieved: GB/s of the nominal bytes (elementwise ops; ceiling_pct against a
+device-to-device copy measured in the same run) or TFLOP/s (cross-entropy; against a bf16
+8192³ GEMM measured in the same run). Cross-entropy rows also carry the peak memory of one
+fwd+bwd above the inputs (peak_mem_mb, baseline_peak_mem_mb).
+
+    python bench/bench_block_kernels.py [--out bench/results/X.json]    # GPU
+    python bench/bench_block_kernels.py --smoke                          # CPU harness check
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_out, median_ms, ratio, require_cuda, row, write_rows  # noqa: E402
+
+from trilora.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+from trilora.kernels.rms_norm import rms_norm  # noqa: E402
+from trilora.kernels.rope import apply_rotary_pos_emb  # noqa: E402
+from trilora.kernels.swiglu import swiglu  # noqa: E402
+
+GPU = dict(batch=4, seq=2048, hidden=4096, inter=14336, n_q=32, n_kv=8, head_dim=128, vocab=128256)
+SMOKE = dict(batch=2, seq=16, hidden=64, inter=96, n_q=4, n_kv=2, head_dim=16, vocab=250)
+DTYPE = torch.bfloat16
+
+
+def _hf():
+    from transformers.activations import ACT2FN
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb as hf_rope
+    return LlamaRMSNorm, GemmaRMSNorm, hf_rope, ACT2FN["silu"]
+
+
+def _hf_causal_lm_loss(logits, labels):
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:  # older transformers: the same math
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], shift_labels=labels)
+
+
+def _fwd_bwd(fn, inputs, grads=None):
+    """fn(*inputs) then autograd.grad w.r.t. the inputs that require grad (fixed output grads)."""
+    def run():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        return torch.autograd.grad(outs, wrt, grads if grads is not None else [torch.ones_like(o) for o in outs])
+    return run
+
+
+def _no_grad(fn, inputs):
+    def run():
+        with torch.no_grad():
+            return fn(*inputs)
+    return run
+
+
+def _ceilings(smoke: bool, device: str) -> tuple[float | None, float | None]:
+    """(copy GB/s counting bytes read + written, bf16 GEMM TFLOP/s), measured now."""
+    if smoke:
+        return None, None
+    src = torch.empty(2**29, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    copy = median_ms(lambda: dst.copy_(src), smoke)
+    a = torch.randn(8192, 8192, device=device, dtype=DTYPE)
+    gemm = median_ms(lambda: a @ a, smoke)
+    return 2 * src.numel() / copy / 1e6, 2 * 8192**3 / gemm / 1e9
+
+
+def _elementwise_rows(smoke, s, device, backend, copy_gbs) -> list[dict]:
+    llama_norm, gemma_norm, hf_rope, silu = _hf()
+    n, h, i = s["batch"] * s["seq"], s["hidden"], s["inter"]
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device=device, dtype=DTYPE, generator=g)  # noqa: E731
+    rows = []
+
+    def add(op, mode, shape, ours_fn, base_fn, nbytes, **extra):
+        ours, base = median_ms(ours_fn, smoke), median_ms(base_fn, smoke)
+        achieved = None if ours is None else nbytes / ours / 1e6
+        rows.append(row(smoke, op=op, mode=mode, shape=list(shape), dtype="bfloat16", rank=None,
+                        ours_ms=ours, baseline="hf_module", baseline_ms=base, ratio=ratio(ours, base),
+                        achieved=achieved, achieved_unit="GB/s",
+                        ceiling_pct=None if achieved is None else 100 * achieved / copy_gbs, **extra))
+
+    # RMSNorm, Llama and Gemma; the weight frozen (LoRA) and trainable
+    x = rnd(n, h).requires_grad_()
+    dy = rnd(n, h)
+    for gemma, module in ((False, llama_norm), (True, gemma_norm)):
+        op = "rms_norm_gemma" if gemma else "rms_norm"
+        ref = module(h, eps=1e-6).to(device, DTYPE)
+        w = ref.weight.detach().clone()
+        add(op, "fwd", (n, h), _no_grad(lambda a: rms_norm(a, w, 1e-6, gemma, backend), [x]),
+            _no_grad(ref, [x]), 2 * (2 * n * h) + 4 * n)
+        for train_w in (False, True):
+            w.requires_grad_(train_w)
+            ref.weight.requires_grad_(train_w)
+            add(op, "fwd+bwd", (n, h),
+                _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-6, gemma, backend), [x, w], [dy]),
+                _fwd_bwd(lambda a, b: ref(a), [x, ref.weight], [dy]),
+                2 * (2 * n * h) + 2 * (3 * n * h) + 8 * n, weight_grad=train_w)
+
+    # RoPE on HF's layout: [B, L, H*D] projections viewed as [B, H, L, D]
+    b, L, d = s["batch"], s["seq"], s["head_dim"]
+    q = rnd(b, L, s["n_q"] * d).view(b, L, s["n_q"], d).transpose(1, 2).detach().requires_grad_()
+    k = rnd(b, L, s["n_kv"] * d).view(b, L, s["n_kv"], d).transpose(1, 2).detach().requires_grad_()
+    ang = torch.rand(b, L, d // 2, device=device) * 100
+    cos, sin = (torch.cat([f(ang), f(ang)], -1).to(DTYPE) for f in (torch.cos, torch.sin))
+    qk_bytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
+    shape = (b, s["n_q"], s["n_kv"], L, d)
+    add("rope", "fwd", shape, _no_grad(lambda a, c: apply_rotary_pos_emb(a, c, cos, sin, backend), [q, k]),
+        _no_grad(lambda a, c: hf_rope(a, c, cos, sin), [q, k]), qk_bytes)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    add("rope", "fwd+bwd", shape,
+        _fwd_bwd(lambda a, c: apply_rotary_pos_emb(a, c, cos, sin, backend), [q, k], [dq, dk]),
+        _fwd_bwd(lambda a, c: hf_rope(a, c, cos, sin), [q, k], [dq, dk]), 2 * qk_bytes)
+
+    # SwiGLU
+    gate, up, dh = rnd(n, i).requires_grad_(), rnd(n, i).requires_grad_(), rnd(n, i)
+    add("swiglu", "fwd", (n, i), _no_grad(lambda a, c: swiglu(a, c, backend), [gate, up]),
+        _no_grad(lambda a, c: silu(a) * c, [gate, up]), 3 * n * i * 2)
+    add("swiglu", "fwd+bwd", (n, i), _fwd_bwd(lambda a, c: swiglu(a, c, backend), [gate, up], [dh]),
+        _fwd_bwd(lambda a, c: silu(a) * c, [gate, up], [dh]), 8 * n * i * 2)
+    return rows
+
+
+def _peak_mb(fn, smoke: bool) -> float | None:
+    if smoke:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _cross_entropy_rows(smoke, s, device, backend, gemm_tflops) -> list[dict]:
+    n, h, v = s["batch"] * s["seq"], s["hidden"], s["vocab"]
+    g = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn(n, h, device=device, dtype=DTYPE, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, device=device, dtype=DTYPE, generator=g) * h**-0.5)
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    labels[::7] = -100
+    ours_fn = lambda a, w: fused_linear_cross_entropy(a, w, labels, backend=backend)  # noqa: E731
+    base_fn = lambda a, w: _hf_causal_lm_loss(F.linear(a, w), labels)  # noqa: E731
+    rows = []
+    for mode, train_w in (("fwd", False), ("fwd+bwd", False), ("fwd+bwd", True)):
+        weight.requires_grad_(train_w)
+        if mode == "fwd":
+            ours_run, base_run, gemms = _no_grad(ours_fn, [hidden, weight]), _no_grad(base_fn, [hidden, weight]), 1
+        else:
+            ours_run, base_run = _fwd_bwd(ours_fn, [hidden, weight]), _fwd_bwd(base_fn, [hidden, weight])
+            gemms = 3 if train_w else 2
+        ours, base = median_ms(ours_run, smoke), median_ms(base_run, smoke)
+        achieved = None if ours is None else gemms * 2 * n * v * h / ours / 1e9
+        rows.append(row(smoke, op="fused_linear_cross_entropy", mode=mode, shape=[n, h, v], dtype="bfloat16",
+                        rank=None, ours_ms=ours, baseline="hf_module", baseline_ms=base, ratio=ratio(ours, base),
+                        achieved=achieved, achieved_unit="TFLOP/s",
+                        ceiling_pct=None if achieved is None else 100 * achieved / gemm_tflops,
+                        weight_grad=train_w, peak_mem_mb=_peak_mb(ours_run, smoke),
+                        baseline_peak_mem_mb=_peak_mb(base_run, smoke)))
+    return rows
+
+
+def bench(smoke: bool) -> list[dict]:
+    require_cuda(smoke)
+    device = "cpu" if smoke else "cuda"
+    backend = "torch" if smoke else "triton"
+    shapes = SMOKE if smoke else GPU
+    copy_gbs, gemm_tflops = _ceilings(smoke, device)
+    rows = _elementwise_rows(smoke, shapes, device, backend, copy_gbs)
+    rows += _cross_entropy_rows(smoke, shapes, device, backend, gemm_tflops)
+    for r in rows:
+        r["copy_gbs"], r["gemm_tflops"] = copy_gbs, gemm_tflops
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the torch paths, no timings")
+    parser.add_argument("--out", type=Path, help="JSON file to append rows to")
+    args = parser.parse_args(argv)
+    rows = bench(args.smoke)
+    for r in rows:
+        print({k: r.get(k) for k in ("op", "mode", "shape", "weight_grad", "ours_ms", "baseline_ms", "ratio",
+                                     "achieved", "ceiling_pct", "peak_mem_mb", "baseline_peak_mem_mb")})
+    if args.out or not args.smoke:
+        write_rows(rows, args.out or default_out(args.smoke))
+
+
+if __name__ == "__main__":
+    main()

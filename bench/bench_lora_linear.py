@@ -1,0 +1,137 @@
+"""Benchmark: the fused LoRA linear (`trilora.kernels.lora_linear`), dense bf16 and 4-bit NF4, on a GPU.
+
+Llama-3-8B projection shapes (in → out) 4096→4096, 4096→14336, 14336→4096; tokens M ∈ {2048,
+8192, 16384}; ranks {16, 64}; "fwd" and "fwd+bwd" (base weight frozen: dX, dA, dB).
+Rows (shape = [M, in, out]), each against a baseline of the same shape, timed in the same run:
+  op "lora_linear"  (dense bf16 W):  "dense_bf16"      F.linear(x, W) alone: no adapter, the floor
+                                     "torch_lora_bf16" the unfused PyTorch LoRA (cuBLAS GEMMs)
+  op "qlora_linear" (NF4 W, double quant, blocksize 64):
+                                     "dense_bf16"      F.linear(x, W) on a bf16 W
+                                     "dequant_cublas"  dequantize_4bit, then the unfused PyTorch
+                                                       LoRA (cuBLAS GEMM + addmm) on that buffer
+ratio = ours / baseline time (< 1: ours is faster). achieved = our TFLOP/s from model FLOPs
+(forward 2MNK + 2Mr(K+N); the backward adds one base GEMM (dX) and twice the adapter term, no dW);
+ceiling_pct = achieved / the bf16 dense GEMM rate (8192³ cuBLAS) measured in the same run.
+
+    python bench/bench_lora_linear.py [--out bench/results/X.json] [--dequant-buffer]   # GPU
+    python bench/bench_lora_linear.py --smoke                                           # CPU harness check
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_out, median_ms, ratio, require_cuda, row, write_rows  # noqa: E402
+
+from trilora.kernels.lora_linear import lora_linear, lora_linear_ref  # noqa: E402
+from trilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+
+GPU_GRID = dict(shapes=[(4096, 4096), (4096, 14336), (14336, 4096)], tokens=[2048, 8192, 16384], ranks=[16, 64])
+SMOKE_GRID = dict(shapes=[(64, 48)], tokens=[8], ranks=[4])
+MODES = ("fwd", "fwd+bwd")
+SCALING = 2.0
+
+
+def model_flops(m: int, k: int, n: int, r: int, mode: str) -> float:
+    base, adapter = 2.0 * m * n * k, 2.0 * m * r * (k + n)
+    # backward: dX = dY W + (dY B) A, dA = uᵀ x, dB = dYᵀ t: one more base GEMM, two more adapter terms
+    return base + adapter if mode == "fwd" else 2 * base + 3 * adapter
+
+
+def gemm_ceiling_tflops(smoke: bool) -> float | None:
+    """bf16 dense GEMM rate of this card, 8192³ through cuBLAS, measured now."""
+    if smoke:
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / median_ms(lambda: a @ b, smoke) / 1e9
+
+
+def runner(fn, grads: list[torch.Tensor], dy: torch.Tensor, mode: str):
+    """fn() alone under no_grad ("fwd"), or forward + backward into `grads` ("fwd+bwd")."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn()
+    else:
+        def step():
+            for t in grads:
+                t.grad = None
+            fn().backward(dy)
+    return step
+
+
+def ops(m: int, k: int, n: int, r: int, smoke: bool):
+    """Yield (op, ours, {baseline: fn}, row extras, tensors that get gradients, dY)."""
+    device, backend = ("cpu", "torch") if smoke else ("cuda", "triton")
+    dt = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=dt, generator=g).requires_grad_()
+    w = (torch.randn(n, k, device=device, generator=g) / k**0.5).to(dt)
+    A = (torch.randn(r, k, device=device, generator=g) / k**0.5).to(dt).requires_grad_()
+    B = (torch.randn(n, r, device=device, generator=g) / r**0.5).to(dt).requires_grad_()
+    dy = torch.randn(m, n, device=device, dtype=dt, generator=g)
+    packed, state = quantize_4bit(w, "nf4", 64, double_quant=True, backend=backend)
+    dense = lambda: F.linear(x, w)  # noqa: E731
+    unfused_4bit = lambda: lora_linear_ref(x, dequantize_4bit(packed, state, dt, backend=backend),  # noqa: E731
+                                           A, B, SCALING)
+    yield ("lora_linear", lambda: lora_linear(x, w, A, B, SCALING, backend=backend),
+           {"dense_bf16": dense, "torch_lora_bf16": lambda: lora_linear_ref(x, w, A, B, SCALING)},
+           {}, [x, A, B], dy)
+    yield ("qlora_linear", lambda: lora_linear(x, packed, A, B, SCALING, quant_state=state, backend=backend),
+           {"dense_bf16": dense, "dequant_cublas": unfused_4bit},
+           {"quant_type": "nf4", "double_quant": True, "blocksize": 64}, [x, A, B], dy)
+
+
+def bench(smoke: bool, dequant_buffer: bool = False) -> list[dict]:
+    require_cuda(smoke)
+    lora_module = importlib.import_module("trilora.kernels.lora_linear")
+    lora_module.DEQUANT_BUFFER_MIN_M = 0 if dequant_buffer else None
+    ceiling = gemm_ceiling_tflops(smoke)
+    grid = SMOKE_GRID if smoke else GPU_GRID
+    rows = []
+    for k, n in grid["shapes"]:
+        for m in grid["tokens"]:
+            for r in grid["ranks"]:
+                for op, ours_fn, baselines, extra, grads, dy in ops(m, k, n, r, smoke):
+                    if op == "qlora_linear":
+                        extra = dict(extra, dequant="buffer" if dequant_buffer else "in_loop")
+                    for mode in MODES:
+                        ours = median_ms(runner(ours_fn, grads, dy, mode), smoke)
+                        achieved = None if ours is None else model_flops(m, k, n, r, mode) / ours / 1e9
+                        for name, fn in baselines.items():
+                            theirs = median_ms(runner(fn, grads, dy, mode), smoke)
+                            rows.append(row(
+                                smoke, op=op, mode=mode, shape=[m, k, n], dtype="bfloat16", rank=r,
+                                ours_ms=ours, baseline=name, baseline_ms=theirs, ratio=ratio(ours, theirs),
+                                achieved=achieved, achieved_unit="TFLOP/s",
+                                ceiling_pct=None if achieved is None else 100 * achieved / ceiling,
+                                ceiling_tflops=ceiling, **extra))
+                if not smoke:
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run on the torch path, no timings")
+    parser.add_argument("--out", type=Path, help="JSON file to append rows to")
+    parser.add_argument("--dequant-buffer", action="store_true",
+                        help="4-bit: dequantize W once into a buffer, then the dense fused kernels")
+    args = parser.parse_args(argv)
+    rows = bench(args.smoke, args.dequant_buffer)
+    for r in rows:
+        print({k: r[k] for k in ("op", "mode", "shape", "rank", "baseline", "ours_ms", "baseline_ms", "ratio",
+                                 "ceiling_pct")})
+    if args.out or not args.smoke:
+        write_rows(rows, args.out or default_out(args.smoke))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Loading, cleaning, splitting and mixing of fine-tuning records (trilora.trainer.data*)."""
+import json
+from collections import Counter
+
+import pytest
+
+from trilora.trainer import label_set, load_records, load_splits, mix, split, stages
+from trilora.trainer.data_mix import iter_mixture
+
+
+def write_jsonl(path, rows):
+    """Each row is a dict (dumped as JSON) or a raw string written as the line itself."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# --------------------------------------------------------------------------- formats
+
+def test_alpaca_jsonl_detected_with_and_without_input(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [
+        {"instruction": "Add", "input": "1 2", "output": "3"},
+        {"instruction": "Greet", "output": "hello"},
+        {"instruction": "Greet", "input": None, "output": "hi"},
+    ])
+    records, report = load_records(path)
+    assert report.format == "alpaca" and report.kept == 3
+    assert [r.data["input"] for r in records] == ["1 2", "", ""]
+    assert records[1].where == f"{path}:2"
+
+
+def test_prompt_completion_csv_with_multiline_cell(tmp_path):
+    path = tmp_path / "pc.csv"
+    path.write_text('prompt,completion\n"two\nlines",  ok  \nq,a\n')
+    records, report = load_records(path)
+    assert report.format == "prompt_completion"
+    assert [r.data for r in records] == [{"prompt": "two\nlines", "completion": "ok"},
+                                         {"prompt": "q", "completion": "a"}]
+    assert records[1].where.endswith(":4")  # the quoted cell spans lines 2-3
+
+
+def test_chat_jsonl_and_chat_in_csv(tmp_path):
+    conversation = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"}]
+    records, report = load_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}]))
+    assert report.format == "chat"
+    assert records[0].data["messages"][0] == {"role": "user", "content": "hi"}
+    path = tmp_path / "c.csv"
+    path.write_text("messages\n" + '"' + json.dumps(conversation).replace('"', '""') + '"\n')
+    records_csv, _ = load_records(path)
+    assert records_csv[0].data == records[0].data
+
+
+def test_text_and_classification_detection_and_label_set(tmp_path):
+    text, report = load_records([{"text": "a"}, {"text": "b", "label": "stray"}, {"text": "c"}])
+    assert report.format == "text" and len(text) == 3
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0},
+            {"text": "fine", "label": "1"}, {"text": "no label"}]
+    records, report = load_records(write_jsonl(tmp_path / "cls.jsonl", rows))
+    # One record without a label does not demote the file to plain text: it is malformed.
+    assert report.format == "classification"
+    assert report.malformed == [(4, "missing required column 'label'")]
+    assert label_set(records) == ["0", "1"]
+    forced, _ = load_records(write_jsonl(tmp_path / "f.jsonl", rows), format="text")
+    assert [r.format for r in forced] == ["text"] * 4
+
+
+def test_json_array_and_python_list(tmp_path):
+    rows = [{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": "d"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    from_file, report = load_records(tmp_path / "d.json")
+    from_list, _ = load_records(rows)
+    assert report.unit == "item" and [r.data for r in from_file] == rows
+    assert from_file[1].where.endswith("d.json[1]")
+    assert [r.data for r in from_list] == rows and from_list[1].where == "records[1]"
+
+
+# --------------------------------------------------------------------------- cleaning
+
+def test_cleaning_report_counts_reasons_and_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "dirty.jsonl", [
+        {"instruction": "Add", "output": "3"},              # 1 kept
+        "",                                                  # 2 blank line: skipped
+        '{"instruction": "broken", "output": ',              # 3 bad JSON
+        {"instruction": "Sub", "output": "1"},               # 4 kept
+        {"instruction": ["not", "a", "string"], "output": "x"},  # 5 wrong type
+        {"instruction": "no output"},                        # 6 missing column
+        {"instruction": "Mul", "output": "   "},             # 7 empty after stripping
+        {"instruction": "  Add ", "output": "3\n"},          # 8 duplicate of 1 once stripped
+        '[1, 2]',                                            # 9 not an object
+    ])
+    records, report = load_records(path)
+    assert [r.data["instruction"] for r in records] == ["Add", "Sub"]
+    assert (report.total, report.kept, report.blank_lines) == (8, 2, 1)
+    assert [n for n, _ in report.malformed] == [3, 5, 6, 9]
+    assert "invalid JSON" in report.malformed[0][1]
+    assert report.malformed[1][1] == "column 'instruction' must be a string, got list"
+    assert report.malformed[2][1] == "missing required column 'output'"
+    assert report.empty_at == [7] and report.duplicate_at == [8] and report.dropped == 6
+    text = str(report)
+    assert "kept 2 of 8" in text and "1 empty, 1 duplicate, 4 malformed" in text
+    assert "line 3: invalid JSON" in text and "line 9: expected an object" in text
+
+
+def test_csv_wrong_column_count_and_bad_utf8_are_malformed(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("text,label\na,pos\nb,neg,extra\nc\nd,neg\n")
+    records, report = load_records(path)
+    assert [r.data["text"] for r in records] == ["a", "d"]
+    assert [n for n, _ in report.malformed] == [3, 4]
+    path = tmp_path / "u.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    _, report = load_records(path)
+    assert report.malformed == [(2, "not valid UTF-8")]
+
+
+def test_chat_without_assistant_turn_is_malformed():
+    hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]
+    rows = [{"messages": hello},
+            {"messages": [{"role": "user", "content": "only a question"}]},
+            {"messages": [{"role": "user"}]},
+            {"messages": []}]
+    records, report = load_records(rows)
+    assert len(records) == 1 and report.empty_at == [3]
+    assert report.malformed == [(1, "chat record has no assistant turn"),
+                                (2, "messages[0] needs string 'role' and 'content'")]
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nope.jsonl"):
+        load_records(tmp_path / "nope.jsonl")
+
+
+def test_unknown_extension(tmp_path):
+    (tmp_path / "d.txt").write_text("hello\n")
+    with pytest.raises(ValueError, match=r"unsupported data file extension .*d\.txt"):
+        load_records(tmp_path / "d.txt")
+
+
+def test_unknown_format():
+    with pytest.raises(ValueError, match="unknown record format 'sharegpt'; known formats"):
+        load_records([{"text": "a"}], format="sharegpt")
+
+
+def test_every_line_malformed(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["{oops", "not json", '{"text": 5'])
+    with pytest.raises(ValueError, match=r"every record in .*bad.jsonl is malformed \(line 1: "
+                                         r"invalid JSON.*line 3: invalid JSON"):
+        load_records(path)
+
+
+def test_required_column_missing_from_whole_file(tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"}] * 3)
+    with pytest.raises(ValueError, match="required column 'instruction' of format 'alpaca' is "
+                                         "missing from every record"):
+        load_records(path, format="alpaca")
+
+
+def test_undetectable_format():
+    with pytest.raises(ValueError, match=r"cannot detect the record format .*\['question'\]"):
+        load_records([{"question": "q"}])
+
+
+def test_nothing_left_after_cleaning(tmp_path):
+    path = write_jsonl(tmp_path / "empty.jsonl", [{"text": "  "}, {"text": ""}])
+    with pytest.raises(ValueError, match="no usable records left in .*2 empty"):
+        load_records(path)
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="contains no records"):
+        load_records(tmp_path / "blank.jsonl")
+
+
+@pytest.mark.parametrize("ratios, message", [((0.8, 0.1, 0.2), "must sum to 1"),
+                                             ((1.2, -0.1, -0.1), "must be non-negative"),
+                                             ((1.0,), "must be \\(train, validation")])
+def test_bad_split_ratios(ratios, message):
+    with pytest.raises(ValueError, match=message):
+        split(list(range(10)), ratios)
+
+
+@pytest.mark.parametrize("weights, message", [({"a": 1.0}, "must name exactly the datasets"),
+                                              ({"a": 1.0, "b": -1.0}, "must be a finite number"),
+                                              ({"a": 0.0, "b": 0.0}, "at least one")])
+def test_bad_mixing_weights(weights, message):
+    with pytest.raises(ValueError, match=message):
+        mix({"a": [1], "b": [2]}, weights, n=3)
+
+
+# --------------------------------------------------------------------------- splits
+
+def test_split_is_deterministic_disjoint_and_complete():
+    items = list(range(103))
+    first = split(items, (0.8, 0.1, 0.1), seed=7)
+    assert split(items, (0.8, 0.1, 0.1), seed=7) == first
+    assert split(items, (0.8, 0.1, 0.1), seed=8) != first
+    assert first.counts == {"train": 83, "validation": 10, "test": 10}
+    assert sorted(first.train + first.validation + first.test) == items
+    assert not set(first.train) & set(first.validation) | set(first.train) & set(first.test)
+    assert str(first).startswith("splits: train ")
+
+
+def test_split_sizes_and_tiny_datasets():
+    assert split(list(range(100)), (0.8, 0.1, 0.1)).counts == \
+        {"train": 80, "validation": 10, "test": 10}
+    assert split(list(range(3)), (0.8, 0.1, 0.1)).counts == \
+        {"train": 1, "validation": 1, "test": 1}
+    assert split(list(range(5)), (0.9, 0.0, 0.1)).counts == \
+        {"train": 4, "validation": 0, "test": 1}
+    assert split(list(range(10)), (0.7, 0.3)).counts == {"train": 7, "validation": 3, "test": 0}
+
+
+def test_load_splits_from_one_file_or_one_file_per_split(tmp_path):
+    rows = [{"text": f"doc {i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    splits, reports = load_splits(path, ratios=(0.5, 0.25, 0.25), seed=1)
+    assert splits.counts == {"train": 10, "validation": 5, "test": 5}
+    assert reports["train"].kept == 20
+    val = write_jsonl(tmp_path / "val.jsonl", rows[:3])
+    splits, reports = load_splits(path, validation=val)
+    assert splits.counts == {"train": 20, "validation": 3, "test": 0}
+    assert set(reports) == {"train", "validation"}
+
+
+# --------------------------------------------------------------------------- mixing
+
+def test_mix_follows_weights_and_is_deterministic():
+    datasets = {"big": [f"b{i}" for i in range(500)], "small": [f"s{i}" for i in range(20)],
+                "off": ["never"]}
+    weights = {"big": 3.0, "small": 1.0, "off": 0.0}
+    pairs = mix(datasets, weights, n=10_000, seed=3, with_names=True)
+    counts = Counter(name for name, _ in pairs)
+    assert counts["off"] == 0
+    assert abs(counts["small"] / 10_000 - 0.25) < 0.015
+    assert mix(datasets, weights, n=10_000, seed=3, with_names=True) == pairs
+    assert mix(datasets, weights, n=100, seed=4) != [item for _, item in pairs[:100]]
+    # The small dataset is upsampled by cycling: no repeat before every item has been seen.
+    small = [item for name, item in pairs if name == "small"]
+    assert sorted(small[:20]) == sorted(datasets["small"])
+    assert len(mix(datasets, weights)) == 521  # n defaults to the total size
+
+
+def test_iter_mixture_is_endless():
+    draws = iter_mixture({"a": [1, 2]}, {"a": 1.0}, seed=0)
+    assert sorted(next(draws)[1] for _ in range(6)) == [1, 1, 1, 2, 2, 2]
+
+
+def test_stages_with_replay_fraction():
+    stage0 = [("s0", i) for i in range(300)]
+    stage1 = [("s1", i) for i in range(900)]
+    stage2 = [("s2", i) for i in range(450)]
+    out = stages([stage0, stage1, stage2], replay=0.1, seed=5)
+    assert stages([stage0, stage1, stage2], replay=0.1, seed=5) == out
+    assert sorted(out[0]) == stage0  # the first stage has nothing to replay
+    assert len(out[1]) == 1000 and Counter(s for s, _ in out[1]) == {"s1": 900, "s0": 100}
+    assert len(set(out[1])) == 1000  # replayed items are distinct while the pool lasts
+    replayed = [item for item in out[2] if item[0] != "s2"]
+    assert len(replayed) == 50 and len(replayed) / len(out[2]) == pytest.approx(0.1)
+    assert {s for s, _ in replayed} == {"s0", "s1"}  # drawn from the union of earlier stages
+    first_replay = min(i for i, (s, _) in enumerate(out[1]) if s == "s0")
+    assert first_replay < 900  # shuffled in, not appended at the end
+    assert [len(s) for s in stages([stage0, stage1], replay=0.0)] == [300, 900]
+    with pytest.raises(ValueError, match=r"replay must be in \[0, 1\)"):
+        stages([stage0, stage1], replay=1.0)

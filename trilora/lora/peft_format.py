@@ -1,0 +1,221 @@
+"""Save and load adapters in PEFT's directory format (safetensors only, never pickle).
+
+    <dir>/adapter_config.json        PEFT's LoraConfig fields (`LoraConfig.to_peft_dict`)
+    <dir>/adapter_model.safetensors  metadata {"format": "pt"}; keys (prefix base_model.model.):
+        <module>.lora_A.weight [r, in], <module>.lora_B.weight [out, r]   (fp32, as trained)
+        <module>.base_layer.bias, <other>.bias                            (bias "all"/"lora_only")
+        <saved module>.<param>                                            (modules_to_save)
+
+The key of a tensor is its state-dict key in a trilora-adapted model with the prefix added,
+which is PEFT's key with the adapter name removed. `load_adapter` checks the whole file
+against the model before it changes anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LoraConfig
+from .inject import add_lora, get_lora_config, lora_layers, resolve_config, resolve_targets
+from .layer import TrainableCopy, linear_dims
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live adapter tensors of an adapted model, keyed as in the file without the prefix."""
+    config = get_lora_config(model)
+    if config is None:
+        raise ValueError("model has no trilora adapter (call add_lora or load_adapter first)")
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model):
+        out[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        out[f"{name}.lora_B.weight"] = layer.lora_B.weight
+        if config.bias == "lora_only" and layer.base_layer.bias is not None:
+            out[f"{name}.base_layer.bias"] = layer.base_layer.bias
+    copies = [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableCopy)]
+    if config.bias == "all":
+        inside = tuple(n + "." for n, _ in copies)
+        out.update({n: p for n, p in model.named_parameters()
+                    if (n == "bias" or n.endswith(".bias")) and not n.startswith(inside)})
+    for name, wrapper in copies:
+        out.update({f"{name}.{k}": v for k, v in wrapper.trained.state_dict(keep_vars=True).items()})
+    return out
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes (CPU copies), keyed as in PEFT's file (with the prefix)."""
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in _adapter_tensors(model).items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
+    """Write `model`'s adapter to directory `path` in PEFT's format; returns the path.
+
+    `peft.PeftModel.from_pretrained(base_model, path)` loads it (same logits as trilora).
+    """
+    tensors = adapter_state_dict(model)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(get_lora_config(model).to_peft_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(config, tensors with the prefix stripped) of an adapter directory, on CPU.
+
+    Raises FileNotFoundError for a missing directory / config / weights file, and ValueError
+    for a pickle-only adapter (adapter_model.bin), a malformed config or another method.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter directory {path!r} does not exist")
+    config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path!r} has no {CONFIG_NAME}: not a PEFT adapter directory")
+    if not os.path.isfile(weights_file):
+        if os.path.isfile(os.path.join(path, PICKLE_NAME)):
+            raise ValueError(f"{path!r} holds {PICKLE_NAME}, a pickle file: trilora refuses to unpickle "
+                             "(it can run arbitrary code); re-save the adapter as safetensors, e.g. with "
+                             "PeftModel.save_pretrained(dir, safe_serialization=True)")
+        raise FileNotFoundError(f"{path!r} has no {WEIGHTS_NAME}")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    config = LoraConfig.from_peft_dict(data)
+    tensors = {}
+    with safe_open(weights_file, framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if not key.startswith(PREFIX):
+                raise ValueError(f"{weights_file} key {key!r} lacks PEFT's {PREFIX!r} prefix: not a PEFT LoRA "
+                                 "adapter for a whole model")
+            tensors[key[len(PREFIX):]] = f.get_tensor(key)
+    return config, tensors
+
+
+def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Check every tensor of the adapter against the un-adapted `model`; returns
+    {file key: key in the adapted model} for the tensors to copy. Raises ValueError."""
+    targets, save = resolve_targets(model, config, strict=False)
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    plan: dict[str, str] = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, tensor in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            if key.endswith(f".{part}.weight"):
+                lora.setdefault(key[: -len(f".{part}.weight")], {})[part] = tensor
+                plan[key] = key
+                break
+        else:
+            if "lora_magnitude_vector" in key:
+                raise ValueError(f"adapter key {key!r} belongs to DoRA, which trilora does not implement")
+            owner = next((n for n in save if key.startswith(n + ".")), None)
+            if owner is not None:
+                rest = key[len(owner) + 1:]
+                if rest.startswith(("original_module.", "modules_to_save.")):
+                    continue  # PEFT's bias="all" also writes the wrapper's internals: same values
+                expected = model.get_submodule(owner).state_dict().get(rest)
+                plan[key] = f"{owner}.trained.{rest}"
+            elif config.bias != "none" and key.endswith("bias"):
+                # a wrapped layer's bias is <layer>.base_layer.bias (PEFT's key, and ours once adapted)
+                plain = key[: -len(".base_layer.bias")] + ".bias" if key.endswith(".base_layer.bias") else key
+                expected = params.get(plain)
+                layer = plain[: -len(".bias")]
+                plan[key] = f"{layer}.base_layer.bias" if layer in targets else plain
+            else:
+                raise ValueError(f"adapter key {key!r} is not a LoRA weight, a bias (bias={config.bias!r}) or "
+                                 f"a modules_to_save tensor: an adapter for another model or method?")
+            if expected is None or tuple(expected.shape) != tuple(tensor.shape):
+                have = "missing" if expected is None else list(expected.shape)
+                raise ValueError(f"adapter tensor {key!r} {list(tensor.shape)} does not fit this model ({have}): "
+                                 "an adapter for another base model?")
+    extra, missing = sorted(set(lora) - set(targets)), sorted(set(targets) - set(lora))
+    if extra or missing:
+        raise ValueError(f"adapter does not fit this model: weights for modules the model lacks or the config "
+                         f"does not target: {extra[:4]}; targeted modules without weights: {missing[:4]}")
+    for name, pair in lora.items():
+        n_in, n_out, _ = linear_dims(model.get_submodule(name))
+        a, b = pair.get("lora_A"), pair.get("lora_B")
+        if a is None or b is None:
+            raise ValueError(f"adapter has only one of lora_A / lora_B for {name!r}")
+        if tuple(a.shape) != (config.r, n_in) or tuple(b.shape) != (n_out, config.r):
+            raise ValueError(f"{name}: adapter has lora_A {list(a.shape)}, lora_B {list(b.shape)}; this model needs "
+                             f"[{config.r}, {n_in}] and [{n_out}, {config.r}] (r={config.r}): an adapter for "
+                             "another base model?")
+    for name in save:
+        if not any(k.startswith(name + ".") for k in tensors):
+            raise ValueError(f"adapter lacks the weights of modules_to_save module {name!r}")
+    return plan
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto",
+                 is_trainable: bool = False) -> nn.Module:
+    """Inject the adapter saved at `path` (by trilora or PEFT) into `model`, in place.
+
+    Everything is validated before the model is touched: a config for a LoRA variant trilora
+    does not implement, or an adapter for another base (module names or shapes differ), raises
+    ValueError and leaves `model` as it was. `is_trainable=False` (PEFT's default) freezes the
+    adapter too; True leaves it (and modules_to_save, biases) trainable. Returns `model`.
+    """
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("model already has LoRA layers; load the adapter into a fresh base model")
+    config, tensors = read_adapter(path)
+    config = resolve_config(model, config)
+    plan = _plan(model, config, tensors)
+    add_lora(model, config, backend=backend, strict=False)
+    targets = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    with torch.no_grad():
+        for file_key, model_key in plan.items():
+            targets[model_key].copy_(tensors[file_key])
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Copy the tensors of the adapter at `path` into the adapter `model` already has (e.g. to
+    resume training from a checkpoint), in place; returns `model`.
+
+    The file must hold exactly the tensors `save_adapter(model)` would write, same shapes;
+    otherwise ValueError, before anything is copied. The file's config is not applied (r,
+    alpha, targets stay as the model has them) but its rank must match.
+    """
+    config, tensors = read_adapter(path)
+    live = _adapter_tensors(model)
+    own = get_lora_config(model)
+    if config.r != own.r or config.bias != own.bias:
+        raise ValueError(f"adapter at {os.fspath(path)!r} has r={config.r}, bias={config.bias!r}; the model's "
+                         f"adapter has r={own.r}, bias={own.bias!r}")
+    # PEFT's bias="all" files also carry its modules_to_save wrapper internals: same values, skip
+    internals = tuple(f"{n}.{part}." for n, m in model.named_modules() if isinstance(m, TrainableCopy)
+                      for part in ("original_module", "modules_to_save"))
+    tensors = {k: v for k, v in tensors.items() if not (internals and k.startswith(internals))}
+    extra, missing = sorted(set(tensors) - set(live)), sorted(set(live) - set(tensors))
+    if extra or missing:
+        raise ValueError(f"adapter at {os.fspath(path)!r} does not fit this model's adapter: unexpected "
+                         f"{extra[:4]}, missing {missing[:4]}")
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(live[key].shape):
+            raise ValueError(f"adapter tensor {key!r} is {list(tensor.shape)}, the model's is {list(live[key].shape)}")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            live[key].copy_(tensor)
+    return model
+
+
+__all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "read_adapter", "adapter_state_dict"]

@@ -1,0 +1,153 @@
+"""Checkpoints that survive SIGKILL: written to a temp dir, then renamed into place.
+
+`<output-dir>/checkpoints/step-N/` holds the trainable weights, the optimizer and scheduler
+state, the RNG states and the data position — enough that a resumed run ends with the same
+weights as an uninterrupted one. Everything is safetensors or JSON (no pickle), and
+`manifest.json`, written last, records each file's size and SHA-256 so a corrupt or
+truncated checkpoint is refused with a clear error instead of half-loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, truncated, or from another run."""
+
+
+# ----------------------------------------------------------------------------- state <-> files
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """All RNG states: torch (CPU, CUDA) as tensors, python and numpy as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer, scheduler,
+                    trainer_state: dict) -> Path:
+    """Write `checkpoints/step-<step>/` atomically and return its path.
+
+    `write_weights(dir)` writes the trainable weights (a PEFT adapter, or the full model).
+    """
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_weights(tmp / "weights")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    state = {**trainer_state, "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+             "rng": rng_meta}
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for p in [*files, tmp / MANIFEST]:  # on disk before the rename makes it visible
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `step-N` checkpoint (temp dirs of interrupted writes are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    steps = [(int(p.name.split("-", 1)[1]), p) for p in root.glob("step-*")
+             if p.is_dir() and p.name.split("-", 1)[1].isdigit()] if root.exists() else []
+    return max(steps)[1] if steps else None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file of the manifest is present and intact."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: no {MANIFEST}: the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from None
+    for name, facts in manifest.items():
+        file = Path(path) / name
+        if not file.exists():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != facts["bytes"]:
+            raise CheckpointError(f"{path}: {name} is truncated ({file.stat().st_size} of {facts['bytes']} bytes)")
+        if _sha256(file) != facts["sha256"]:
+            raise CheckpointError(f"{path}: {name} is corrupt (checksum mismatch)")
+
+
+def load_checkpoint(path: Path, optimizer, scheduler) -> dict:
+    """Verify `path`, restore optimizer, scheduler and RNG states; return the trainer state.
+
+    The weights (`path / "weights"`) are the caller's to load.
+    """
+    verify_checkpoint(path)
+    state = json.loads((Path(path) / "trainer_state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(Path(path) / "optimizer.safetensors"),
+                                                   state.pop("optimizer")))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    set_rng_state(load_file(Path(path) / "rng.safetensors"), state.pop("rng"))
+    return state

@@ -1,0 +1,339 @@
+"""Load and clean fine-tuning records from JSONL / JSON / CSV files or Python lists.
+
+A record is one training example in one of five formats, detected from its keys or forced
+with `format=`:
+
+    format              required keys              optional
+    "alpaca"            instruction, output        input
+    "prompt_completion" prompt, completion
+    "chat"              messages  ([{role, content}, ...], at least one assistant turn)
+    "classification"    text, label                (label: str, int, float or bool -> str)
+    "text"              text                       (every token is in the loss)
+
+Cleaning strips whitespace from every string, then drops three kinds of record and counts
+them in a `CleaningReport`: malformed ones (bad JSON, wrong types, missing required
+columns; kept with their line numbers), empty ones (a required field blank after
+stripping) and exact duplicates of an earlier record. A dataset that turns out unusable
+raises instead of silently training on nothing.
+
+Tokenization (`data_tokenize`), splitting and mixing (`data_mix`) and batching
+(`data_batch`) live in their own modules.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Required and optional keys of each format, in detection priority: a more specific format
+# first, because a classification record ({text, label}) also looks like a "text" record.
+FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "chat": (("messages",), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "prompt_completion": (("prompt", "completion"), ()),
+    "classification": (("text", "label"), ()),
+    "text": (("text",), ()),
+}
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+_MAX_REASONS_IN_ERROR = 5
+
+
+@dataclass(frozen=True)
+class Record:
+    """One cleaned example.
+
+    data:   the record's fields after cleaning (strings stripped; alpaca's missing `input`
+            filled with ""; a classification label turned into a string). Extra columns are
+            kept so that a custom prompt template may use them.
+    format: one of `FORMATS`.
+    where:  where it came from, for error messages: "train.jsonl:12" or "records[3]".
+    """
+
+    data: dict[str, Any]
+    format: str
+    where: str
+
+
+@dataclass
+class CleaningReport:
+    """What cleaning dropped from one source, and why.
+
+    `unit` is "line" for files (1-based line numbers) and "item" for Python lists and JSON
+    arrays (0-based indices). `malformed` holds (line, reason) pairs.
+    """
+
+    source: str
+    format: str = "?"
+    unit: str = "line"
+    total: int = 0
+    kept: int = 0
+    blank_lines: int = 0
+    empty_at: list[int] = field(default_factory=list)
+    duplicate_at: list[int] = field(default_factory=list)
+    malformed: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> int:
+        return len(self.empty_at)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.duplicate_at)
+
+    @property
+    def dropped(self) -> int:
+        return self.empty + self.duplicates + len(self.malformed)
+
+    def __str__(self) -> str:
+        text = (f"{self.source} ({self.format}): kept {self.kept} of {self.total} records; "
+                f"dropped {self.empty} empty, {self.duplicates} duplicate, "
+                f"{len(self.malformed)} malformed")
+        if self.malformed:
+            text += "\n" + "\n".join(f"  {self.unit} {n}: {why}" for n, why in self.malformed)
+        return text
+
+
+def load_records(source: str | os.PathLike | Sequence[dict], format: str | None = None,
+                 *, verbose: bool = False) -> tuple[list[Record], CleaningReport]:
+    """Load, validate and clean the records of a file or a list of dicts.
+
+    source:  a path ending in .jsonl/.ndjson (one JSON object per line), .json (a JSON array
+             of objects), .csv or .tsv (a header row naming the columns; a chat `messages`
+             cell holds JSON), or a list of dicts.
+    format:  force a format from `FORMATS`; None detects it from the keys.
+    verbose: print the report.
+    Returns the surviving records in source order and the report.
+    Raises FileNotFoundError (missing file), ValueError (unknown extension or format, a
+    required column absent from every record, every record malformed, nothing left).
+    """
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown record format {format!r}; known formats: {', '.join(FORMATS)}")
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        unit, rows = _read_file(name)
+    else:
+        name, unit = "records", "item"
+        rows = [(i, row, None) for i, row in enumerate(source)]
+
+    report = CleaningReport(source=name, unit=unit)
+    parsed: list[tuple[int, dict]] = []
+    for number, row, parse_error in rows:
+        if row is None and parse_error is None:
+            report.blank_lines += 1
+            continue
+        report.total += 1
+        if parse_error is not None:
+            report.malformed.append((number, parse_error))
+        elif not isinstance(row, dict):
+            report.malformed.append((number, f"expected an object, got {type(row).__name__}"))
+        else:
+            parsed.append((number, row))
+    if report.total == 0:
+        raise ValueError(f"{name} contains no records")
+
+    report.format = format or _detect_format(name, [row for _, row in parsed])
+    _check_columns_exist(name, report.format, [row for _, row in parsed])
+
+    records, seen = [], set()
+    for number, row in parsed:
+        where = f"{name}:{number}" if unit == "line" else f"{name}[{number}]"
+        try:
+            data, is_empty = _normalize(row, report.format)
+        except _Malformed as exc:
+            report.malformed.append((number, str(exc)))
+            continue
+        if is_empty:
+            report.empty_at.append(number)
+            continue
+        key = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+        if key in seen:
+            report.duplicate_at.append(number)
+            continue
+        seen.add(key)
+        records.append(Record(data=data, format=report.format, where=where))
+    report.malformed.sort()
+    report.kept = len(records)
+
+    if verbose:
+        print(report)
+    if not records:
+        if len(report.malformed) == report.total:
+            shown = "; ".join(f"{unit} {n}: {why}" for n, why in
+                              report.malformed[:_MAX_REASONS_IN_ERROR])
+            raise ValueError(f"every record in {name} is malformed ({shown})")
+        raise ValueError(f"no usable records left in {name} after cleaning: {report}")
+    return records, report
+
+
+def label_set(records: Iterable[Record]) -> list[str]:
+    """Sorted distinct labels of classification records (the classes for metrics)."""
+    return sorted({r.data["label"] for r in records if r.format == "classification"})
+
+
+# --------------------------------------------------------------------------- reading files
+
+def _read_file(path: str) -> tuple[str, list[tuple[int, Any, str | None]]]:
+    """("line" or "item", rows of (line or index, parsed row or None, parse error or None)).
+
+    A row of (n, None, None) is a blank line.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    kind = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise ValueError(f"unsupported data file extension for {path}; "
+                         f"expected one of {', '.join(sorted(_EXTENSIONS))}")
+    if kind == "jsonl":
+        with open(path, "rb") as f:
+            return "line", list(_parse_jsonl(f))
+    if kind == "json":
+        with open(path, encoding="utf-8") as f:
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); "
+                                 "a .json file must hold one array of records") from exc
+        if not isinstance(items, list):
+            raise ValueError(f"{path} must hold a JSON array of records, "
+                             f"got {type(items).__name__}")
+        return "item", [(i, item, None) for i, item in enumerate(items)]
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return "line", list(_parse_csv(f, delimiter="\t" if kind == "tsv" else ","))
+
+
+def _parse_jsonl(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
+    for number, raw in enumerate(lines, start=1):
+        # Decode line by line so that one bad byte costs one record, not the whole file.
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+        except UnicodeDecodeError:
+            yield number, None, "not valid UTF-8"
+            continue
+        if not line:
+            yield number, None, None
+            continue
+        try:
+            yield number, json.loads(line), None
+        except json.JSONDecodeError as exc:
+            yield number, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+
+
+# Sentinels DictReader puts in a row with too many / too few cells (no real column has them).
+_EXTRA, _MISSING = "\0extra", "\0missing"
+
+
+def _parse_csv(f, delimiter: str) -> Iterator[tuple[int, Any, str | None]]:
+    reader = csv.DictReader(f, delimiter=delimiter, restkey=_EXTRA, restval=_MISSING)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num, None, f"unreadable CSV row ({exc})"
+            continue
+        number = reader.line_num  # the row's last physical line: quoted cells may span lines
+        if all(v in ("", None) or (isinstance(v, str) and not v.strip()) for v in row.values()):
+            yield number, None, None
+        elif _EXTRA in row or _MISSING in row.values():
+            yield number, None, f"expected {len(reader.fieldnames)} columns, got a different count"
+        else:
+            yield number, row, None
+
+
+
+# --------------------------------------------------------------------------- formats
+
+def _detect_format(name: str, rows: list[dict]) -> str:
+    """The most specific format whose required keys at least half of the rows carry.
+
+    Half, not all, so that one record missing its label does not demote a classification
+    file to plain text, while one stray `label` key does not promote a text file.
+    """
+    if not rows:
+        return "?"  # every row is malformed; load_records reports that
+    counts = {fmt: sum(all(k in row for k in req) for row in rows)
+              for fmt, (req, _) in FORMATS.items()}
+    for fmt, count in counts.items():
+        if 2 * count >= len(rows) and count > 0:
+            return fmt
+    best = max(counts, key=counts.get)
+    if counts[best] == 0:
+        seen = sorted({k for row in rows for k in row})
+        expected = "; ".join(f"{fmt}: {', '.join(req)}" for fmt, (req, _) in FORMATS.items())
+        raise ValueError(f"cannot detect the record format of {name}: its keys are {seen}; "
+                         f"expected keys ({expected}); or pass format=")
+    return best
+
+
+def _check_columns_exist(name: str, fmt: str, rows: list[dict]) -> None:
+    """A required column missing from every record is a wrong file or format, not bad rows."""
+    if fmt == "?" or not rows:
+        return
+    for key in FORMATS[fmt][0]:
+        if not any(key in row for row in rows):
+            seen = sorted({k for row in rows for k in row})
+            raise ValueError(f"required column {key!r} of format {fmt!r} is missing from every "
+                             f"record of {name} (columns found: {seen})")
+
+
+class _Malformed(ValueError):
+    """A record that cannot be used as it stands; the message becomes the report's reason."""
+
+
+def _normalize(row: dict, fmt: str) -> tuple[dict[str, Any], bool]:
+    """Cleaned copy of `row` and whether a required field is blank. Raises _Malformed."""
+    required, optional = FORMATS[fmt]
+    for key in required:
+        if key not in row:
+            raise _Malformed(f"missing required column {key!r}")
+    data: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "messages":
+            data[key] = _normalize_messages(value)
+        elif key == "label" and fmt == "classification":
+            if isinstance(value, (bool, int, float)):
+                value = str(value)
+            if not isinstance(value, str):
+                raise _Malformed(f"column 'label' must be a string or number, "
+                                 f"got {type(value).__name__}")
+            data[key] = value.strip()
+        elif key in required or key in optional:
+            if value is None and key in optional:
+                value = ""
+            if not isinstance(value, str):
+                raise _Malformed(f"column {key!r} must be a string, got {type(value).__name__}")
+            data[key] = value.strip()
+        else:
+            data[key] = value.strip() if isinstance(value, str) else value
+    for key in optional:
+        data.setdefault(key, "")
+
+    if fmt == "chat":
+        assistant = [m["content"] for m in data["messages"] if m["role"] == "assistant"]
+        if data["messages"] and not assistant:
+            raise _Malformed("chat record has no assistant turn")
+        return data, not any(assistant)
+    return data, any(data[key] == "" for key in required)
+
+
+def _normalize_messages(value: Any) -> list[dict[str, str]]:
+    if isinstance(value, str):  # CSV cells carry the message list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _Malformed(f"column 'messages' is not valid JSON ({exc.msg})") from exc
+    if not isinstance(value, list):
+        raise _Malformed(f"column 'messages' must be a list, got {type(value).__name__}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _Malformed(f"messages[{i}] must be an object, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise _Malformed(f"messages[{i}] needs string 'role' and 'content'")
+        messages.append({**message, "role": role.strip(), "content": content.strip()})
+    return messages

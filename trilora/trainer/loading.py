@@ -1,0 +1,160 @@
+"""`load_model`: a local Hugging Face model directory in, optionally 4-bit quantized on the fly.
+
+Peak host memory stays near one tensor above the result: the model skeleton is built on the
+`meta` device (no memory), then the safetensors shards are read tensor by tensor, and each
+linear weight is quantized the moment it is read — a 16-bit copy of the whole model never
+exists. Pre-quantized bitsandbytes 4-bit checkpoints (`quantization_config` in config.json)
+load as they are. Only safetensors are read (never pickle); no network; no remote code
+unless asked.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import init_empty_weights
+from safetensors import safe_open
+
+from ..quant import Linear4bit
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: shards listed in the index are missing: {missing}")
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = (f" (found {pickles}: pickle checkpoints are not loaded because they can run code; "
+            "convert them to safetensors)") if pickles else ""
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _quant_settings(config, quantize, double_quant, skip):
+    """(quant_type or None, double_quant, skip, prequantized) from the arguments and config.json."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return quantize, double_quant, tuple(skip), False
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise ValueError(f"unsupported quantization_config {qc.get('quant_method')!r} "
+                         "(trilora reads bitsandbytes 4-bit checkpoints)")
+    skip = tuple(qc.get("llm_int8_skip_modules") or ("lm_head",))
+    return qc.get("bnb_4bit_quant_type", "nf4"), qc.get("bnb_4bit_use_double_quant", False), skip, True
+
+
+def _skipped(name: str, skip) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(name == s or leaf == s or name.endswith("." + s) or re.fullmatch(s, name) for s in skip)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        raise KeyError(key)
+
+
+def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtype | None = None,
+               double_quant: bool = True, blocksize: int = 64, skip=("lm_head",),
+               device: str | torch.device | None = None, trust_remote_code: bool = False,
+               model_class=None) -> nn.Module:
+    """Load a local HF model directory (config.json + safetensors shards).
+
+    Args:
+        quantize: "nf4", "fp4" or None (keep 16/32-bit). A pre-quantized bitsandbytes 4-bit
+            checkpoint loads in its own format whatever this says.
+        dtype: dtype of the non-quantized weights; default bf16 on CUDA, fp32 on CPU.
+        skip: linear modules left unquantized (full names, last components or regexes).
+        device: where the weights go; default CUDA when available.
+        trust_remote_code: passed to transformers; off by default.
+        model_class: default `AutoModelForCausalLM`.
+    Returns the model in eval mode, with `trilora.quant.Linear4bit` layers where quantized.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
+    shards = _shards(path)
+    if quantize not in (None, "nf4", "fp4"):
+        raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    quant_type, double_quant, skip, prequantized = _quant_settings(config, quantize, double_quant, skip)
+    if prequantized:
+        del config.quantization_config  # the 4-bit layers are ours to build
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
+        model = (model_class or AutoModelForCausalLM).from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code)
+    targets = {name for name, m in model.named_modules()
+               if quant_type and type(m) is nn.Linear and not _skipped(name, skip)}
+    names = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+             | {n for n, _ in model.named_buffers()})
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # pre-quantized layers being gathered
+    unused = []
+    for shard in shards:
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                owner = _owner(key)
+                if owner in targets and prequantized:
+                    pending.setdefault(owner, {})[key[len(owner) + 1:]] = f.get_tensor(key).to(device)
+                elif owner in targets and key == owner + ".weight":  # quantize as it is read
+                    weight = f.get_tensor(key).to(device, dtype)
+                    bias = model.get_submodule(owner).bias
+                    _replace(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant))
+                elif key in names:
+                    tensor = f.get_tensor(key).to(device)
+                    _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                else:
+                    unused.append(key)
+        for owner in [o for o, entries in pending.items() if _complete(entries)]:
+            entries = pending.pop(owner)
+            if "bias" in entries:
+                entries["bias"] = entries["bias"].to(dtype)
+            _replace(model, owner, Linear4bit.from_state_dict(entries))
+    if pending:
+        raise ValueError(f"{path}: incomplete 4-bit entries for {sorted(pending)[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+    if unused:
+        warnings.warn(f"{path}: {len(unused)} checkpoint tensors match no parameter, e.g. {unused[:3]}")
+    return model.eval()
+
+
+def _owner(key: str) -> str:
+    """The module a checkpoint key belongs to: `a.b.weight.absmax` and `a.b.bias` -> `a.b`."""
+    if ".weight." in key:
+        return key.split(".weight.", 1)[0]
+    return key.rsplit(".", 1)[0]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _complete(entries: dict[str, torch.Tensor]) -> bool:
+    """Whether a pre-quantized layer's entries are all read (bias included when it has one)."""
+    blob = next((v for k, v in entries.items() if k.startswith("weight.quant_state.bitsandbytes__")), None)
+    if blob is None or not {"weight", "weight.absmax", "weight.quant_map"} <= set(entries):
+        return False
+    nested = b"nested_offset" in bytes(blob.tolist())
+    return not nested or {"weight.nested_absmax", "weight.nested_quant_map"} <= set(entries)

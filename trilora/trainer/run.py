@@ -1,0 +1,305 @@
+"""`train(config)`: data -> model (full / LoRA / QLoRA) -> training -> test-set evaluation -> summary.
+
+The whole path a practitioner walks, in order; each step is a function of its own module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..lora import LoraConfig, add_lora, load_adapter_weights, save_adapter
+from ..lora.layer import linear_dims
+from .config import TrainConfig
+from .data import label_set
+from .data_batch import BatchIterator
+from .data_mix import Splits, load_splits, mix
+from .data_tokenize import render_prompt_completion, tokenize_records
+from .evaluate import classification_metrics, evaluate_loss, exact_match, generate_completions
+from .loading import load_model
+from .loop import Trainer
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+MAX_EVAL_GENERATIONS = 200  # generation is slow: the metric uses at most this many test records
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device_and_dtype(config: TrainConfig):
+    if dist.is_initialized():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif config.dtype in names:
+        dtype = names[config.dtype]
+    else:
+        raise ValueError(f"unknown dtype {config.dtype!r}: auto, bfloat16, float16 or float32")
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_records(config: TrainConfig) -> Splits:
+    """(train, validation, test) records; cleaning reports and counts are printed."""
+    fmt = None if config.data_format == "auto" else config.data_format
+    if config.data is None:
+        from ..demo.task import demo_dataset
+        sources = [demo_dataset()]
+    else:
+        sources = config.data
+    if len(sources) == 1:
+        splits, reports = load_splits(sources[0], config.val_data, config.test_data,
+                                      ratios=config.split, seed=config.seed, format=fmt)
+    else:  # multi-task: split each dataset alone, mix the training parts by weight
+        if config.val_data or config.test_data:
+            raise ValueError("--val-data/--test-data take one dataset; with several --data files "
+                             "each is split by --split")
+        parts, reports = {}, {}
+        for source in sources:
+            parts[str(source)], r = load_splits(source, ratios=config.split, seed=config.seed, format=fmt)
+            reports[str(source)] = r["train"]
+        weights = dict(zip(parts, config.mix_weights or [1.0] * len(parts)))
+        train = mix({k: s.train for k, s in parts.items()}, weights, seed=config.seed)
+        splits = Splits(train, [r for s in parts.values() for r in s.validation],
+                        [r for s in parts.values() for r in s.test])
+    if is_main():
+        for report in reports.values():
+            print(report)
+        print(splits)
+    return splits
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(config: TrainConfig, model_dir: Path, device, dtype):
+    """The model to train: full (every weight), LoRA on a 16/32-bit base, or QLoRA on NF4/FP4."""
+    quantize = config.quant_type if config.method == "qlora" else None
+    model = load_model(model_dir, quantize=quantize, dtype=dtype, device=device)
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
+                          target_modules=_targets(config.target_modules), use_rslora=config.use_rslora,
+                          base_model_name_or_path=str(model_dir))
+        _check_rank(model, lora)
+        add_lora(model, lora)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def _targets(target_modules):
+    targets = list(target_modules)
+    return targets[0] if targets == ["all-linear"] else targets
+
+
+def _check_rank(model, lora: LoraConfig) -> None:
+    smallest = min((min(d[:2]) for _, m in model.named_modules() if (d := linear_dims(m))), default=None)
+    if smallest is not None and lora.r > smallest:
+        raise ValueError(f"rank too large: r={lora.r} exceeds the smallest linear layer dimension "
+                         f"({smallest}) of this model")
+
+
+def weight_io(model, config: TrainConfig):
+    """(write(dir), read(dir)) of the trainable weights: a PEFT adapter, or the full model."""
+    if config.method == "full":
+        from safetensors.torch import load_file, save_file
+
+        def write(path: Path) -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                      path / "model.safetensors")
+
+        def read(path: Path) -> None:
+            model.load_state_dict(load_file(path / "model.safetensors"))
+        return write, read
+
+    def write(path: Path) -> None:
+        save_adapter(model, path)
+
+    def read(path: Path) -> None:
+        load_adapter_weights(model, path)
+    return write, read
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def loss_batches(records, tokenizer, config: TrainConfig) -> list[dict]:
+    dataset, _ = tokenize_records(records, tokenizer, config.max_length)
+    return list(BatchIterator(dataset, config.batch_size, pad_token_id=_pad_id(tokenizer), shuffle=False))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _prompt_and_reference(record, tokenizer) -> tuple[list[int], str]:
+    if record.format == "chat":
+        messages = record.data["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ids = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        return list(ids), messages[last]["content"]
+    prompt, reference = render_prompt_completion(record)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"], reference
+
+
+def primary_metric_name(records) -> tuple[str, bool]:
+    """(metric, higher_is_better) for the records' format."""
+    fmt = records[0].format
+    if fmt == "text":
+        return "perplexity", False
+    return ("accuracy", True) if fmt == "classification" else ("exact_match", True)
+
+
+def evaluate_split(model, tokenizer, records, config: TrainConfig, device, autocast_dtype,
+                   labels=None) -> dict:
+    """Loss, perplexity and the primary metric (exact match / classification metrics) of `records`."""
+    result = evaluate_loss(model, loss_batches(records, tokenizer, config), device, autocast_dtype)
+    metric, _ = primary_metric_name(records)
+    if metric == "perplexity":
+        return result
+    sample = records[:MAX_EVAL_GENERATIONS]
+    prompts, references = zip(*(_prompt_and_reference(r, tokenizer) for r in sample))
+    predictions = generate_completions(model, tokenizer, prompts, config.eval_max_new_tokens, device,
+                                       batch_size=max(config.batch_size, 32))
+    if metric == "accuracy":
+        result.update(classification_metrics(predictions, references, labels))
+    else:
+        result["exact_match"] = exact_match(predictions, references)
+    result["generated"] = len(sample)
+    result["examples"] = [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]
+    return result
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(config: TrainConfig) -> dict:
+    """Run the whole fine-tune; returns (and writes to <output-dir>/summary.json) the summary."""
+    from transformers import AutoTokenizer
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    out = Path(config.output_dir)
+    if not config.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --output-dir")
+    seed_everything(config.seed)
+    device, dtype = resolve_device_and_dtype(config)
+    autocast_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
+    model_dir = Path(config.model) if config.model else DEMO_DIR / "assets"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    splits = prepare_records(config)
+    if not splits.test:
+        raise ValueError("no test records: give --test-data or a --split with a test share")
+    train_set, report = tokenize_records(splits.train, tokenizer, config.max_length)
+    if is_main():
+        print(report)
+    train_batches = BatchIterator(train_set, config.batch_size, pad_token_id=_pad_id(tokenizer),
+                                  mode="pack" if config.packing else "pad", max_length=config.max_length,
+                                  seed=config.seed)
+    val_batches = loss_batches(splits.validation, tokenizer, config) if splits.validation else None
+
+    model = build_model(config, model_dir, device, dtype)
+    if is_main():
+        from ..lora import trainable_summary
+        print(trainable_summary(model) if config.method != "full" else
+              f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
+    labels = label_set(splits.train + splits.test) or None
+    metric, higher = primary_metric_name(splits.test)
+    before = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels)
+
+    write, read = weight_io(model, config)
+    trainer_model = model
+    if dist.is_initialized():
+        trainer_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = Trainer(trainer_model, config, train_batches, val_batches, device, write, read, autocast_dtype)
+    resumed = trainer.resume() if config.resume else False
+    result = trainer.train()
+    if result["best"]["step"] and (out / "best").exists():
+        read(out / "best")  # the deliverable is the best validated weights, not the last
+    after = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels)
+
+    summary = None
+    if is_main():
+        final_dir = out / ("model" if config.method == "full" else "adapter")
+        if config.method == "full":
+            model.save_pretrained(final_dir, safe_serialization=True)
+            tokenizer.save_pretrained(final_dir)
+        else:
+            write(final_dir)
+        tokens_per_s = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
+        summary = {
+            "method": config.method, "steps": result["steps"], "resumed": resumed,
+            "stopped_early": result["stopped_early"], "best_step": result["best"]["step"],
+            "best_val_loss": None if result["best"]["val_loss"] == float("inf") else result["best"]["val_loss"],
+            "primary_metric": metric, "higher_is_better": higher,
+            "test_before": _public(before, metric), "test_after": _public(after, metric),
+            "adapter_dir": str(final_dir) if config.method != "full" else None,
+            "model_dir": str(final_dir) if config.method == "full" else None,
+            "counts": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+            "mean_tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else None,
+            "device": str(device), "config": config.to_dict(),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_losses(trainer.history, out / "loss_curve.png")
+        print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
+              f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; written to {out}")
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def _public(result: dict, metric: str) -> dict:
+    keep = {"loss", "perplexity", metric, "accuracy", "precision", "recall", "f1", "examples", "generated"}
+    return {k: v for k, v in result.items() if k in keep}
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and validation loss against step, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train")
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
