@@ -1,14 +1,29 @@
-"""Triton kernels and their plain-PyTorch references. Tensors in, tensors out."""
+"""Triton kernels and their plain-PyTorch references. Tensors in, tensors out.
+
+Every op takes `backend="auto" | "triton" | "torch"` (see `backend.resolve_backend`).
+"""
 from .backend import HAS_TRITON, interpreter_active, resolve_backend
 from .codebooks import code_4bit, dynamic_map_signed
+from .cross_entropy import (FusedLinearCrossEntropyLoss, cross_entropy, cross_entropy_ref,
+                            fused_linear_cross_entropy, fused_linear_cross_entropy_ref)
 from .dequantize_4bit import dequantize_4bit_ref, dequantize_4bit_triton
-from .lora_linear import lora_linear, lora_linear_ref
+from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_ref
 from .quantize_blockwise import (quantize_4bit_ref, quantize_4bit_triton,
                                  quantize_8bit_blockwise_ref, quantize_8bit_blockwise_triton)
+from .rms_norm import RMSNorm, rms_norm, rms_norm_ref
+from .rope import apply_rotary_pos_emb, rope_ref
+from .swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
-    "HAS_TRITON", "interpreter_active", "resolve_backend", "code_4bit", "dynamic_map_signed",
-    "dequantize_4bit_ref", "dequantize_4bit_triton", "lora_linear", "lora_linear_ref",
+    "HAS_TRITON", "interpreter_active", "resolve_backend",
+    "code_4bit", "dynamic_map_signed",
+    "dequantize_4bit_ref", "dequantize_4bit_triton",
     "quantize_4bit_ref", "quantize_4bit_triton", "quantize_8bit_blockwise_ref",
     "quantize_8bit_blockwise_triton",
+    "lora_dropout_mask", "lora_linear", "lora_linear_ref",
+    "RMSNorm", "rms_norm", "rms_norm_ref",
+    "apply_rotary_pos_emb", "rope_ref",
+    "SwiGLU", "swiglu", "swiglu_ref",
+    "FusedLinearCrossEntropyLoss", "cross_entropy", "cross_entropy_ref",
+    "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
 ]
