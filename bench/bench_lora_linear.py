@@ -9,6 +9,8 @@ Rows (shape = [M, in, out]), each against a baseline of the same shape, timed in
                                      "dense_bf16"      F.linear(x, W) on a bf16 W
                                      "dequant_cublas"  dequantize_4bit, then the unfused PyTorch
                                                        LoRA (cuBLAS GEMM + addmm) on that buffer
+                                     "peft_bnb"        PEFT's LoRA layer over a bitsandbytes
+                                                       Linear4bit (HF's standard QLoRA path)
 ratio = ours / baseline time (< 1: ours is faster). achieved = our TFLOP/s from model FLOPs
 (forward 2MNK + 2Mr(K+N); the backward adds one base GEMM (dX) and twice the adapter term, no dW);
 ceiling_pct = achieved / the bf16 dense GEMM rate (8192³ cuBLAS) measured in the same run.
@@ -83,9 +85,37 @@ def ops(m: int, k: int, n: int, r: int, smoke: bool):
     yield ("lora_linear", lambda: lora_linear(x, w, A, B, SCALING, backend=backend),
            {"dense_bf16": dense, "torch_lora_bf16": lambda: lora_linear_ref(x, w, A, B, SCALING)},
            {}, [x, A, B], dy)
+    baselines = {"dense_bf16": dense, "dequant_cublas": unfused_4bit}
+    peft_layer = peft_bnb_layer(w, A, B, device)
+    if peft_layer is not None:  # PEFT's LoRA layer over a bitsandbytes 4-bit base
+        baselines["peft_bnb"] = lambda: peft_layer(x)
     yield ("qlora_linear", lambda: lora_linear(x, packed, A, B, SCALING, quant_state=state, backend=backend),
-           {"dense_bf16": dense, "dequant_cublas": unfused_4bit},
-           {"quant_type": "nf4", "double_quant": True, "blocksize": 64}, [x, A, B], dy)
+           baselines, {"quant_type": "nf4", "double_quant": True, "blocksize": 64}, [x, A, B], dy)
+
+
+def peft_bnb_layer(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, device):
+    """PEFT's LoRA over a bnb NF4 Linear4bit holding `w`, with our A and B; None without bnb/peft."""
+    try:
+        import bitsandbytes as bnb
+        import peft
+    except ImportError:
+        print("peft_bnb baseline skipped: bitsandbytes or peft is not installed")
+        return None
+    n, k = w.shape
+    r = A.shape[0]
+    holder = torch.nn.Module()
+    holder.proj = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=w.dtype, quant_type="nf4",
+                                    compress_statistics=True)
+    holder.proj.weight = bnb.nn.Params4bit(w.detach().cpu(), requires_grad=False, quant_type="nf4",
+                                           compress_statistics=True)
+    holder = holder.to(device)  # quantizes
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=SCALING * r, target_modules=["proj"],
+                                                        lora_dropout=0.0))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    return layer
 
 
 def bench(smoke: bool, dequant_buffer: bool = False) -> list[dict]:
