@@ -431,7 +431,7 @@ def test_bench_smoke(tmp_path):
         assert keys <= set(r) and r["ours_ms"] is None and r["ratio"] is None  # never a CPU speed
     assert {(r["op"], r["baseline"]) for r in rows} == {
         ("lora_linear", "dense_bf16"), ("lora_linear", "torch_lora_bf16"),
-        ("qlora_linear", "dense_bf16"), ("qlora_linear", "dequant_cublas")}
+        ("qlora_linear", "dense_bf16"), ("qlora_linear", "dequant_cublas"), ("qlora_linear", "peft_bnb")}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
 
 
