@@ -1,5 +1,5 @@
-"""Benchmark: the transformer-block kernels (RMSNorm, RoPE, SwiGLU, fused lm_head + cross-entropy)
-against the HF modules they replace, on a GPU, at Llama-3-8B-like shapes.
+"""Benchmark: the transformer-block kernels (RMSNorm, RoPE, SwiGLU, fused lm_head + cross-entropy,
+and the LoRA MLP / QKV blocks) against the HF modules they replace, on a GPU, at Llama-3-8B-like shapes.
 
 Shapes: 8192 tokens (batch 4 × 2048), hidden 4096, intermediate 14336, 32 query / 8 key-value
 heads of dim 128, vocab 128256; bf16. Modes: "fwd" and "fwd+bwd" (gradients by
@@ -11,8 +11,17 @@ device-to-device copy measured in the same run) or TFLOP/s (cross-entropy; again
 8192³ GEMM measured in the same run). Cross-entropy rows also carry the peak memory of one
 fwd+bwd above the inputs (peak_mem_mb, baseline_peak_mem_mb).
 
+LoRA block rows (op "lora_mlp", "lora_qkv"; rank 16, dense bf16 base, and NF4 for the MLP):
+baseline "hf_peft" is HF's unfused MLP / q,k,v projections with PEFT-style LoRA layers
+(`base(x) + s·B(A(x))`; a 4-bit base dequantized per call, as bitsandbytes does). achieved =
+TFLOP/s of the nominal GEMM work (3 and 6 M·H·I GEMMs for the MLP fwd and fwd+bwd: the block's
+backward recomputation counts as overhead), ceiling_pct against the bf16 GEMM. saved_mem_mb /
+baseline_saved_mem_mb: memory autograd holds between forward and backward (the MLP block keeps
+x only). In --smoke mode these rows appear only with --lora-blocks (tests/test_bench_block_smoke.py
+pins the smoke row set).
+
     python bench/bench_block_kernels.py [--out bench/results/X.json]    # GPU
-    python bench/bench_block_kernels.py --smoke                          # CPU harness check
+    python bench/bench_block_kernels.py --smoke [--lora-blocks]          # CPU harness check
 """
 from __future__ import annotations
 
@@ -27,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_out, median_ms, ratio, require_cuda, row, write_rows  # noqa: E402
 
 from trilora.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+from trilora.kernels.lora_mlp import lora_mlp  # noqa: E402
+from trilora.kernels.lora_qkv import Projection, lora_qkv  # noqa: E402
 from trilora.kernels.rms_norm import rms_norm  # noqa: E402
 from trilora.kernels.rope import apply_rotary_pos_emb  # noqa: E402
 from trilora.kernels.swiglu import swiglu  # noqa: E402
@@ -34,6 +45,7 @@ from trilora.kernels.swiglu import swiglu  # noqa: E402
 GPU = dict(batch=4, seq=2048, hidden=4096, inter=14336, n_q=32, n_kv=8, head_dim=128, vocab=128256)
 SMOKE = dict(batch=2, seq=16, hidden=64, inter=96, n_q=4, n_kv=2, head_dim=16, vocab=250)
 DTYPE = torch.bfloat16
+LORA_RANK = 16
 
 
 def _hf():
@@ -175,7 +187,103 @@ def _cross_entropy_rows(smoke, s, device, backend, gemm_tflops) -> list[dict]:
     return rows
 
 
-def bench(smoke: bool) -> list[dict]:
+def _saved_mb(fn, smoke: bool) -> float | None:
+    """Memory held after fn's forward (its saved tensors and output) until backward."""
+    if smoke:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    held = (torch.cuda.memory_allocated() - base) / 2**20
+    del out
+    return held
+
+
+class _Linear4bitRef(torch.autograd.Function):
+    """bitsandbytes' 4-bit matmul: W dequantized in forward and again in backward, only x saved."""
+
+    @staticmethod
+    def forward(ctx, x, packed, quant_state):
+        from trilora.quant import dequantize_4bit
+        ctx.packed, ctx.quant_state = packed, quant_state
+        return F.linear(x, dequantize_4bit(packed, quant_state, x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        from trilora.quant import dequantize_4bit
+        return dy @ dequantize_4bit(ctx.packed, ctx.quant_state, dy.dtype), None, None
+
+
+def _peft_linear(x, w, a, b, scaling, quant_state):
+    """A PEFT-style LoRA layer: base(x) + s·B(A(x)); a 4-bit base as bitsandbytes runs it."""
+    base = F.linear(x, w) if quant_state is None else _Linear4bitRef.apply(x, w, quant_state)
+    return base + F.linear(F.linear(x, a), b) * scaling
+
+
+def _lora_block_rows(smoke, s, device, backend, gemm_tflops) -> list[dict]:
+    from trilora.quant import quantize_4bit
+    n, h, i, r = s["batch"] * s["seq"], s["hidden"], s["inter"], LORA_RANK
+    nq, nkv = s["n_q"] * s["head_dim"], s["n_kv"] * s["head_dim"]
+    g = torch.Generator(device=device).manual_seed(2)
+    rnd = lambda *shape, scale=1.0: torch.randn(*shape, device=device, dtype=DTYPE, generator=g) * scale  # noqa: E731
+    x = rnd(n, h).requires_grad_()
+    scaling = 2.0
+    rows = []
+
+    def adapters(shapes):  # (A, B) leaves per (out, in)
+        return [t for o, k in shapes for t in (rnd(r, k, scale=k**-0.5).requires_grad_(),
+                                                rnd(o, r, scale=r**-0.5).requires_grad_())]
+
+    def add(op, shape, quant, ours_fn, base_fn, inputs, dys, gemms_fwd):
+        for mode in ("fwd", "fwd+bwd"):
+            fwd = mode == "fwd"
+            ours_run = _no_grad(ours_fn, inputs) if fwd else _fwd_bwd(ours_fn, inputs, dys)
+            base_run = _no_grad(base_fn, inputs) if fwd else _fwd_bwd(base_fn, inputs, dys)
+            ours, base = median_ms(ours_run, smoke), median_ms(base_run, smoke)
+            flops = (1 if fwd else 2) * gemms_fwd
+            achieved = None if ours is None else flops / ours / 1e9
+            rows.append(row(smoke, op=op, mode=mode, shape=list(shape), dtype="bfloat16", rank=r, base=quant,
+                            ours_ms=ours, baseline="hf_peft", baseline_ms=base, ratio=ratio(ours, base),
+                            achieved=achieved, achieved_unit="TFLOP/s",
+                            ceiling_pct=None if achieved is None else 100 * achieved / gemm_tflops,
+                            saved_mem_mb=None if fwd else _saved_mb(lambda: ours_fn(*inputs), smoke),
+                            baseline_saved_mem_mb=None if fwd else _saved_mb(lambda: base_fn(*inputs), smoke)))
+
+    # LoRA MLP: gate, up [I, H], down [H, I]; dense and NF4 bases
+    mlp_shapes = ((i, h), (i, h), (h, i))
+    dense = [rnd(o, k, scale=k**-0.5) for o, k in mlp_shapes]
+    for quant in ("dense", "nf4"):
+        bases = [(w, None) for w in dense] if quant == "dense" else \
+            [quantize_4bit(w, "nf4", 64, True, backend=backend) for w in dense]
+
+        def ours_mlp(xx, *ab, bases=bases):
+            projs = [Projection(w, qs, ab[2 * j], ab[2 * j + 1], scaling) for j, (w, qs) in enumerate(bases)]
+            return lora_mlp(xx, *projs, backend=backend)
+
+        def base_mlp(xx, *ab, bases=bases):
+            def lin(t, j):
+                return _peft_linear(t, bases[j][0], ab[2 * j], ab[2 * j + 1], scaling, bases[j][1])
+            return lin(F.silu(lin(xx, 0)) * lin(xx, 1), 2)  # down(act(gate(x)) * up(x))
+        add("lora_mlp", (n, h, i), quant, ours_mlp, base_mlp, [x, *adapters(mlp_shapes)], [rnd(n, h)],
+            3 * 2 * n * h * i)
+
+    # LoRA QKV: q [Hq·D, H], k and v [Hkv·D, H], dense bases
+    qkv_shapes = ((nq, h), (nkv, h), (nkv, h))
+    qkv_w = [rnd(o, k, scale=k**-0.5) for o, k in qkv_shapes]
+
+    def ours_qkv(xx, *ab):
+        return lora_qkv(xx, *[Projection(w, None, ab[2 * j], ab[2 * j + 1], scaling) for j, w in enumerate(qkv_w)],
+                        backend=backend)
+
+    def base_qkv(xx, *ab):
+        return tuple(_peft_linear(xx, w, ab[2 * j], ab[2 * j + 1], scaling, None) for j, w in enumerate(qkv_w))
+    add("lora_qkv", (n, h, nq, nkv), "dense", ours_qkv, base_qkv, [x, *adapters(qkv_shapes)],
+        [rnd(n, nq), rnd(n, nkv), rnd(n, nkv)], 2 * n * h * (nq + 2 * nkv))
+    return rows
+
+
+def bench(smoke: bool, lora_blocks: bool | None = None) -> list[dict]:
     require_cuda(smoke)
     device = "cpu" if smoke else "cuda"
     backend = "torch" if smoke else "triton"
@@ -183,6 +291,8 @@ def bench(smoke: bool) -> list[dict]:
     copy_gbs, gemm_tflops = _ceilings(smoke, device)
     rows = _elementwise_rows(smoke, shapes, device, backend, copy_gbs)
     rows += _cross_entropy_rows(smoke, shapes, device, backend, gemm_tflops)
+    if lora_blocks if lora_blocks is not None else not smoke:
+        rows += _lora_block_rows(smoke, shapes, device, backend, gemm_tflops)
     for r in rows:
         r["copy_gbs"], r["gemm_tflops"] = copy_gbs, gemm_tflops
     return rows
@@ -192,11 +302,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run through the torch paths, no timings")
     parser.add_argument("--out", type=Path, help="JSON file to append rows to")
+    parser.add_argument("--lora-blocks", action=argparse.BooleanOptionalAction, default=None,
+                        help="the LoRA MLP/QKV block rows (default: on a GPU, off with --smoke)")
     args = parser.parse_args(argv)
-    rows = bench(args.smoke)
+    rows = bench(args.smoke, args.lora_blocks)
     for r in rows:
         print({k: r.get(k) for k in ("op", "mode", "shape", "weight_grad", "ours_ms", "baseline_ms", "ratio",
-                                     "achieved", "ceiling_pct", "peak_mem_mb", "baseline_peak_mem_mb")})
+                                     "achieved", "ceiling_pct", "peak_mem_mb", "baseline_peak_mem_mb",
+                                     "base", "saved_mem_mb", "baseline_saved_mem_mb") if k in r})
     if args.out or not args.smoke:
         write_rows(rows, args.out or default_out(args.smoke))
 

@@ -76,7 +76,7 @@ def build(contender: str, config, device, smoke: bool):
             quantize_model(model, backend="torch" if smoke else "auto")
         add_lora(model, LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear"), backend=backend)
         try:
-            from trilora.patch import patch
+            from trilora.patching import patch
         except ImportError:
             notes["patched"] = False
         else:

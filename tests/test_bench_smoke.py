@@ -56,3 +56,11 @@ def test_report_renders_rows_and_pending(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "NVIDIA H100" in text and text.startswith("a\n") and text.endswith("b\n")
     assert [p.name for p in report.plots([row], tmp_path)] == ["speedup_vs_m.png"]
+
+
+def test_trilora_bench_cli_runs_the_scripts(tmp_path, monkeypatch):
+    from trilora.cli import main
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "rows.json"
+    assert main(["bench", "dequant", "--smoke", "--out", str(out)]) == 0
+    assert {r["op"] for r in json.loads(out.read_text())} == {"dequantize_nf4", "dequantize_fp4"}

@@ -33,9 +33,19 @@ def test_prompt_completion_csv_with_multiline_cell(tmp_path):
     path.write_text('prompt,completion\n"two\nlines",  ok  \nq,a\n')
     records, report = load_records(path)
     assert report.format == "prompt_completion"
-    assert [r.data for r in records] == [{"prompt": "two\nlines", "completion": "ok"},
+    # prompts are stripped; a completion keeps its leading whitespace (text to generate)
+    assert [r.data for r in records] == [{"prompt": "two\nlines", "completion": "  ok"},
                                          {"prompt": "q", "completion": "a"}]
     assert records[1].where.endswith(":4")  # the quoted cell spans lines 2-3
+
+
+def test_completion_keeps_its_leading_space_blank_is_still_empty():
+    records, report = load_records([{"prompt": " rotate: ab = ", "completion": " ba \n"},
+                                    {"prompt": "p", "completion": "   "}])
+    assert [r.data for r in records] == [{"prompt": "rotate: ab =", "completion": " ba"}]
+    assert report.empty == 1
+    records, _ = load_records([{"instruction": " i ", "output": "\tx "}])
+    assert records[0].data["output"] == "\tx" and records[0].data["instruction"] == "i"
 
 
 def test_chat_jsonl_and_chat_in_csv(tmp_path):

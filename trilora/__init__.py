@@ -2,8 +2,9 @@
 
 Subpackages: `trilora.kernels` (Triton kernels), `trilora.quant` (4-bit weights),
 `trilora.lora` (adapters), `trilora.trainer` (the trainer). `trilora.load_model` is
-`trilora.trainer.load_model`, imported on first use so that importing the adapter layer
-never pulls in the trainer.
+`trilora.trainer.load_model` and `trilora.patch` is `trilora.patching.patch` (fused RMSNorm,
+attention, MLP and loss modules swapped into HF Llama / Mistral / Qwen2 / Gemma models);
+both are imported on first use, so importing the adapter layer never pulls in the trainer.
 """
 __version__ = "0.1.0"
 
@@ -12,4 +13,7 @@ def __getattr__(name):
     if name == "load_model":
         from .trainer.loading import load_model
         return load_model
+    if name == "patch":
+        from .patching import patch
+        return patch
     raise AttributeError(f"module 'trilora' has no attribute {name!r}")

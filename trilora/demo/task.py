@@ -32,7 +32,9 @@ def random_words(n: int, seed: int, min_len: int = 3, max_len: int = 7) -> list[
     words: set[str] = set()
     while len(words) < n:
         words.add("".join(rng.choice(ALPHABET) for _ in range(rng.randint(min_len, max_len))))
-    return sorted(words, key=lambda w: rng.random())
+    ordered = sorted(words)  # a set's order depends on the process's string-hash seed
+    rng.shuffle(ordered)
+    return ordered
 
 
 def task_records(task: str, words: list[str]) -> list[dict]:

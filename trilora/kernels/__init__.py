@@ -8,6 +8,8 @@ from .cross_entropy import (FusedLinearCrossEntropyLoss, cross_entropy, cross_en
                             fused_linear_cross_entropy, fused_linear_cross_entropy_ref)
 from .dequantize_4bit import dequantize_4bit_ref, dequantize_4bit_triton
 from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_ref
+from .lora_mlp import lora_mlp, lora_mlp_ref
+from .lora_qkv import Projection, lora_projections, lora_projections_ref, lora_qkv
 from .quantize_blockwise import (quantize_4bit_ref, quantize_4bit_triton,
                                  quantize_8bit_blockwise_ref, quantize_8bit_blockwise_triton)
 from .rms_norm import RMSNorm, rms_norm, rms_norm_ref
@@ -21,6 +23,7 @@ __all__ = [
     "quantize_4bit_ref", "quantize_4bit_triton", "quantize_8bit_blockwise_ref",
     "quantize_8bit_blockwise_triton",
     "lora_dropout_mask", "lora_linear", "lora_linear_ref",
+    "lora_mlp", "lora_mlp_ref", "Projection", "lora_projections", "lora_projections_ref", "lora_qkv",
     "RMSNorm", "rms_norm", "rms_norm_ref",
     "apply_rotary_pos_emb", "rope_ref",
     "SwiGLU", "swiglu", "swiglu_ref",

@@ -23,24 +23,27 @@ class Linear4bit(nn.Module):
 
     Args:
         compute_dtype: dtype the matmul runs in; None = the input's dtype.
+        backend: kernels of this layer's (de)quantization, "auto", "triton" or "torch"; a
+            plain attribute that may be changed later.
         dtype: dtype of the (randomly initialised, like nn.Linear) weight before quantization,
             which is also the quant state's dtype and the bias dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                 compute_dtype: torch.dtype | None = None, device=None, dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, device=None, dtype: torch.dtype | None = None,
+                 backend: str = "auto"):
         super().__init__()
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_from_dense(dense.weight.detach(), dense.bias, quant_type, blocksize,
-                              double_quant, compute_dtype)
+                              double_quant, compute_dtype, backend)
 
     def _init_from_dense(self, weight, bias, quant_type, blocksize, double_quant, compute_dtype,
                          backend: str = "auto"):
         self.out_features, self.in_features = weight.shape
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.backend = compute_dtype, backend
         self._set_quantized(*quantize_4bit(weight, quant_type, blocksize, double_quant, backend))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
@@ -70,7 +73,7 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor],
-                        compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+                        compute_dtype: torch.dtype | None = None, backend: str = "auto") -> "Linear4bit":
         """Build a layer from a bitsandbytes-format state dict (`weight`, `weight.*`, optional `bias`)."""
         if "weight" not in state_dict:
             raise ValueError("a Linear4bit state dict needs 'weight'")
@@ -82,7 +85,7 @@ class Linear4bit(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.out_features, module.in_features = state.shape
-        module.compute_dtype = compute_dtype
+        module.compute_dtype, module.backend = compute_dtype, backend
         module._set_quantized(state_dict["weight"].clone(), state)
         bias = state_dict.get("bias")
         module.bias = None if bias is None else nn.Parameter(bias.clone())
@@ -95,7 +98,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] in `dtype` (default: the dtype it was quantized from)."""
-        return dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
+        return dequantize_4bit(self.weight, self.quant_state, dtype=dtype, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
@@ -155,7 +158,7 @@ class Linear4bit(nn.Module):
             if tuple(weight.shape) != want:
                 raise ValueError(f"dense weight has shape {tuple(weight.shape)}, this layer is {want}")
             packed, state = quantize_4bit(weight.to(device), self.quant_type, self.blocksize,
-                                          self.double_quant)
+                                          self.double_quant, self.backend)
         else:
             raise ValueError("a packed 4-bit weight needs its quant state entries "
                              "(weight.absmax, weight.quant_map, weight.quant_state.bitsandbytes__*)")

@@ -109,7 +109,19 @@ def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer, sched
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
+    _fsync_dir(root)  # the rename itself on disk too
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .data import FORMATS
+
 METHODS = ("full", "lora", "qlora")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
 def _f(default, help: str, **kw):
@@ -28,10 +33,13 @@ class TrainConfig:
     data: list[str] | None = _f(None, "training data files (JSONL/CSV); several = multi-task mix. "
                                       "Default: the embedded demo task", nargs="+")
     mix_weights: list[float] | None = _f(None, "sampling weight per --data file (multi-task)", nargs="+")
-    data_format: str = _f("auto", "auto, instruction, prompt_completion, chat, text, or classification")
+    data_format: str = _f("auto", "auto, alpaca, prompt_completion, chat, text, or classification")
+    template: str | None = _f(None, "prompt template over the record's fields, e.g. 'Q: {question}\\nA:' "
+                                    "(default: one per format)")
     val_data: str | None = _f(None, "validation file (default: split from --data)")
     test_data: str | None = _f(None, "test file (default: split from --data)")
-    split: list[float] = _f((0.8, 0.1, 0.1), "train/validation/test ratios when splitting --data", nargs=3)
+    split: list[float] = _f((0.8, 0.1, 0.1), "train, validation[, test] ratios (summing to 1) when "
+                                             "splitting --data", nargs="+")
     output_dir: str = _f("trilora-out", "where checkpoints, metrics, adapter and summary go")
     # optimisation
     max_steps: int = _f(0, "optimizer steps (0: run --epochs)")
@@ -47,7 +55,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     # LoRA
-    r: int = _f(16, "LoRA rank")
+    r: int = _f(16, "LoRA rank (alias --lora-r: torchrun mistakes a bare --r for its own options)",
+                aliases=("--lora-r",))
     alpha: float = _f(32.0, "LoRA alpha (scaling = alpha / r)")
     dropout: float = _f(0.05, "LoRA dropout")
     target_modules: list[str] = _f(("all-linear",), "module names or regexes to adapt", nargs="+")
@@ -62,28 +71,60 @@ class TrainConfig:
     seed: int = _f(0, "seed of data order, initialisation and dropout")
     resume: bool = _f(False, "continue from the newest complete checkpoint in --output-dir")
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    kernel_backend: str = _f("auto", "LoRA / 4-bit kernels: auto (Triton where it runs, else PyTorch), "
+                                     "triton, or torch")
+    fused_blocks: str = _f("auto", "swap trilora's fused RMSNorm / attention / MLP / loss modules into "
+                                   "Llama, Mistral, Qwen2 and Gemma models (trilora.patch): auto (on a GPU), "
+                                   "on, or off")
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {METHODS}")
-        for name in ("batch_size", "grad_accum", "max_length", "r"):
+        for name in ("batch_size", "grad_accum", "max_length", "r", "log_every", "eval_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "eval_every", "save_every", "patience", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "alpha"):
+            if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive when max_steps is 0, got {self.epochs}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown scheduler {self.scheduler!r}: cosine, linear or constant")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if self.data_format != "auto" and self.data_format not in FORMATS:
+            raise ValueError(f"unknown data_format {self.data_format!r}: auto or one of {', '.join(FORMATS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: one of {', '.join(DTYPES)}")
+        if self.fused_blocks not in ("auto", "on", "off"):
+            raise ValueError(f"fused_blocks must be auto, on or off, got {self.fused_blocks!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"unknown kernel_backend {self.kernel_backend!r}: one of {', '.join(KERNEL_BACKENDS)}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
         if self.mix_weights is not None and (self.data is None or len(self.mix_weights) != len(self.data)):
-            raise ValueError("--mix-weights needs one weight per --data file")
-        self.split = tuple(self.split)
+            raise ValueError(f"--mix-weights needs one weight per --data file: got {len(self.mix_weights)} "
+                             f"weights for {0 if self.data is None else len(self.data)} files")
+        if self.mix_weights is not None and (any(not w >= 0 or math.isinf(w) for w in self.mix_weights)
+                                             or sum(self.mix_weights) <= 0):
+            raise ValueError(f"--mix-weights must be finite numbers >= 0, not all 0; got {list(self.mix_weights)}")
+        self.split = tuple(float(x) for x in self.split)
+        if len(self.split) not in (2, 3) or any(not x >= 0 for x in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ValueError(f"split must be 2 or 3 non-negative ratios (train, validation[, test]) summing "
+                             f"to 1, got {list(self.split)}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
         self.target_modules = tuple(self.target_modules)
+        if self.mix_weights is not None:
+            self.mix_weights = [float(w) for w in self.mix_weights]
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -91,7 +132,15 @@ class TrainConfig:
     # the settings that must match for --resume to continue a run (not its length or logging)
     RESUME_KEYS = ("model", "method", "data", "mix_weights", "data_format", "split", "lr",
                    "batch_size", "grad_accum", "max_length", "packing", "r", "alpha", "dropout",
-                   "target_modules", "use_rslora", "quant_type", "seed", "scheduler", "warmup_steps")
+                   "target_modules", "use_rslora", "quant_type", "seed", "scheduler", "warmup_steps",
+                   "template", "weight_decay", "max_grad_norm", "val_data", "test_data")
+
+
+def _kind(f) -> tuple[type, bool]:
+    """(element type, is a list) of a TrainConfig field, from its annotation string."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    cast = bool if kind == "bool" else float if "float" in kind else int if kind.startswith("int") else str
+    return cast, kind.startswith("list")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,30 +148,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file of settings; flags override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
-        if f.default is False:
+        cast, _ = _kind(f)
+        if cast is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f.metadata["help"] + " (default: off)")
             continue
-        cast = float if "float" in kind else int if kind.startswith("int") else str
-        parser.add_argument(flag, type=cast, nargs=f.metadata.get("nargs"), default=None,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        default = f.default if not isinstance(f.default, tuple) else " ".join(map(str, f.default))
+        parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, type=cast,
+                            nargs=f.metadata.get("nargs"), default=None,
+                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+
+
+def _coerce(f, value: Any, where: str) -> Any:
+    """A YAML value as the field's type: "3e-4" (a string to YAML 1.1) becomes a float, a
+    scalar becomes a one-item list; anything else of the wrong type is a clear error."""
+    cast, is_list = _kind(f)
+    names = {bool: "true/false", float: "number", int: "integer", str: "string"}
+
+    def one(v):
+        ok = (isinstance(v, bool) if cast is bool else
+              not isinstance(v, (bool, list, dict)) and (cast is not int or not isinstance(v, float)))
+        if ok:
+            try:
+                return cast(v)
+            except (TypeError, ValueError):
+                pass
+        raise ValueError(f"{where}: {f.name} must be {'a list of ' if is_list else ''}{names[cast]}"
+                         f"{'s' if is_list else ''}, got {value!r}")
+    if value is None:
+        return None
+    if is_list:
+        return [one(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return one(value)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """YAML (if --config) overridden by the flags given; unknown YAML keys are an error."""
     values: dict[str, Any] = {}
     if args.config is not None:
-        if not args.config.exists():
+        if not args.config.is_file():
             raise FileNotFoundError(f"config file not found: {args.config}")
-        loaded = yaml.safe_load(args.config.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ValueError(f"{args.config} is not valid YAML{where}: "
+                             f"{getattr(err, 'problem', None) or err}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of settings")
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(k.replace("-", "_") for k in loaded) - known)
+        by_name = {f.name: f for f in fields(TrainConfig)}
+        unknown = sorted(set(str(k).replace("-", "_") for k in loaded) - set(by_name))
         if unknown:
-            raise ValueError(f"{args.config}: unknown settings {unknown}")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+            raise ValueError(f"{args.config}: unknown settings {unknown}; known: {', '.join(by_name)}")
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            values[name] = _coerce(by_name[name], value, str(args.config))
     for f in fields(TrainConfig):
         given = getattr(args, f.name, None)
         if given is not None:

@@ -280,6 +280,9 @@ def _check_columns_exist(name: str, fmt: str, rows: list[dict]) -> None:
                              f"record of {name} (columns found: {seen})")
 
 
+_GENERATED = ("output", "completion")  # the fields a model is trained to generate
+
+
 class _Malformed(ValueError):
     """A record that cannot be used as it stands; the message becomes the report's reason."""
 
@@ -306,7 +309,9 @@ def _normalize(row: dict, fmt: str) -> tuple[dict[str, Any], bool]:
                 value = ""
             if not isinstance(value, str):
                 raise _Malformed(f"column {key!r} must be a string, got {type(value).__name__}")
-            data[key] = value.strip()
+            # a completion keeps its leading whitespace: it is text the model must generate
+            # (" Paris" and "Paris" are different tokens in BPE vocabularies); blank is blank
+            data[key] = value.rstrip() if key in _GENERATED and value.strip() else value.strip()
         else:
             data[key] = value.strip() if isinstance(value, str) else value
     for key in optional:

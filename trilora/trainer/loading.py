@@ -38,6 +38,17 @@ def _shards(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
+def check_model_dir(path: str | Path) -> list[Path]:
+    """The safetensors shards of model directory `path`; FileNotFoundError / ValueError naming
+    what is missing (the directory, config.json, the weights) before anything is loaded."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
+    return _shards(path)
+
+
 def _quant_settings(config, quantize, double_quant, skip):
     """(quant_type or None, double_quant, skip, prequantized) from the arguments and config.json."""
     qc = getattr(config, "quantization_config", None)
@@ -71,7 +82,7 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtype | None = None,
                double_quant: bool = True, blocksize: int = 64, skip=("lm_head",),
                device: str | torch.device | None = None, trust_remote_code: bool = False,
-               model_class=None) -> nn.Module:
+               model_class=None, backend: str = "auto") -> nn.Module:
     """Load a local HF model directory (config.json + safetensors shards).
 
     Args:
@@ -82,14 +93,13 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
         device: where the weights go; default CUDA when available.
         trust_remote_code: passed to transformers; off by default.
         model_class: default `AutoModelForCausalLM`.
+        backend: kernels that quantize on the fly: "auto", "triton" or "torch".
     Returns the model in eval mode, with `trilora.quant.Linear4bit` layers where quantized.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
-    shards = _shards(path)
+    shards = check_model_dir(path)
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -116,7 +126,9 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
                 elif owner in targets and key == owner + ".weight":  # quantize as it is read
                     weight = f.get_tensor(key).to(device, dtype)
                     bias = model.get_submodule(owner).bias
-                    _replace(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant))
+                    _replace(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant,
+                                                                 backend=backend))
+                    del weight  # the dense copy dies here: one linear weight at a time
                 elif key in names:
                     tensor = f.get_tensor(key).to(device)
                     _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
@@ -126,7 +138,7 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
             entries = pending.pop(owner)
             if "bias" in entries:
                 entries["bias"] = entries["bias"].to(dtype)
-            _replace(model, owner, Linear4bit.from_state_dict(entries))
+            _replace(model, owner, Linear4bit.from_state_dict(entries, backend=backend))
     if pending:
         raise ValueError(f"{path}: incomplete 4-bit entries for {sorted(pending)[:5]}")
     if getattr(config, "tie_word_embeddings", False):

@@ -1,9 +1,16 @@
 """The training loop: AdamW, warm-up + decay, accumulation, clipping, validation with early
-stopping, atomic checkpoints with exact resume, DDP when launched by torchrun."""
+stopping, atomic checkpoints with exact resume, DDP when launched by torchrun.
+
+A step's loss is the mean over all of its trained tokens (every micro-batch, every rank), not
+the mean of per-micro-batch means, so its gradient does not depend on how the step's examples
+are cut into micro-batches or spread over processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,7 +19,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
+                         verify_checkpoint)
 from .config import TrainConfig
 from .evaluate import evaluate_loss
 
@@ -90,18 +98,9 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in the output dir; False when there is none."""
-        path = latest_checkpoint(self.out)
+        path = resume_point(self.out, self.config)
         if path is None:
             return False
-        state = json.loads((path / "trainer_state.json").read_text()) if (path / "trainer_state.json").exists() else None
-        if state is None:
-            raise CheckpointError(f"{path}: trainer_state.json is missing")
-        saved, now = state["config"], self.config.to_dict()
-        changed = [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]
-        if changed:
-            raise CheckpointError(f"cannot resume from {path}: it was made with different settings "
-                                  f"({', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
-                                  "use another --output-dir")
         state = load_checkpoint(path, self.optimizer, self.scheduler)
         self.read_weights(path / "weights")
         self.train_batches.load_state_dict(state["data"])
@@ -130,22 +129,31 @@ class Trainer:
         stopped_early = False
         while self.step < self.total_steps:
             start, tokens, loss_sum = time.perf_counter(), 0, 0.0
-            mine = [b for i, b in enumerate(next(stream) for _ in range(cfg.grad_accum * self.world))
-                    if i % self.world == self.rank]
+            # every rank draws the step's world * grad_accum micro-batches and keeps its share,
+            # so the data position is the same on all ranks and in 1-process runs
+            drawn = [next(stream) for _ in range(cfg.grad_accum * self.world)]
+            mine = [b for i, b in enumerate(drawn) if i % self.world == self.rank]
+            # token-weighted: the step's loss is the mean over all of its trained tokens, so
+            # batch 8 x accum 1 and batch 4 x accum 2 (or 2 ranks) give the same gradient;
+            # the factor `world` undoes DDP's averaging of the ranks' gradients
+            step_tokens = max(1, sum(_trained_tokens(b) for b in drawn))
             for i, batch in enumerate(mine):
+                weight = _trained_tokens(batch) * self.world / step_tokens
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
-                ctx = model.no_sync() if not sync else _null()
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                          enabled=self.autocast_dtype is not None):
-                    loss = model(**batch).loss / cfg.grad_accum
+                    loss = model(**batch).loss * weight
                     loss.backward()
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].ne(0).sum()) if batch.get("attention_mask") is not None \
                     and batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            grad_norm = None
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                               cfg.max_grad_norm)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -155,19 +163,23 @@ class Trainer:
                 dist.all_reduce(stats)
                 loss_sum, tokens = stats[0].item() / self.world, int(stats[1].item())
             elapsed = time.perf_counter() - start
-            lr = self.scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._log({"step": self.step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed})
+                record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                self._log(record)
             at_end = self.step == self.total_steps
             if self.val_batches and ((cfg.eval_every and self.step % cfg.eval_every == 0) or at_end):
                 stopped_early = self._validate_and_keep_best()
-            if cfg.save_every and (self.step % cfg.save_every == 0) and not at_end:
+            if cfg.save_every and (self.step % cfg.save_every == 0) and not at_end and not stopped_early:
                 self._save()
             if stopped_early:
                 break
         bar.close()
+        if self.world > 1:
+            dist.barrier()  # rank 0 may still be writing <out>/best, which every rank reads next
         return {"steps": self.step, "best": self.best, "stopped_early": stopped_early}
 
     def _validate_and_keep_best(self) -> bool:
@@ -176,7 +188,7 @@ class Trainer:
         if val["loss"] < self.best["val_loss"]:
             self.best, self.bad_evals = {"val_loss": val["loss"], "step": self.step}, 0
             if self.rank == 0:
-                self.write_weights(self.out / "best")
+                _write_atomically(self.write_weights, self.out / "best")
         else:
             self.bad_evals += 1
         return bool(self.config.patience) and self.bad_evals >= self.config.patience
@@ -189,9 +201,39 @@ class Trainer:
             dist.barrier()
 
 
-class _null:
-    def __enter__(self):
-        return self
+def _trained_tokens(batch: dict) -> int:
+    """Tokens of `batch` in the loss: labels other than -100, after HF's shift by one."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
-    def __exit__(self, *exc):
-        return False
+
+def _write_atomically(write: Callable[[Path], None], path: Path) -> None:
+    """write(dir) into a temp dir, then swap it in: a kill never leaves a half-written `path`
+    (at worst the previous one, under .old-<name>)."""
+    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_point(output_dir: Path, config: TrainConfig) -> Path | None:
+    """The newest checkpoint in `output_dir`, verified intact and made with `config`'s settings
+    (those in `TrainConfig.RESUME_KEYS`); None when there is none. Raises CheckpointError."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return None
+    verify_checkpoint(path)
+    try:
+        saved = json.loads((path / "trainer_state.json").read_text())["config"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{path / 'trainer_state.json'} is not a trilora trainer state: {err}") from None
+    now = config.to_dict()
+    changed = [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path}: it was made with different settings "
+                              f"({', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
+                              "use the same settings, or another --output-dir")
+    return path

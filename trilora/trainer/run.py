@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,17 @@ import torch
 import torch.distributed as dist
 
 from ..lora import LoraConfig, add_lora, load_adapter_weights, save_adapter
+from ..lora.inject import resolve_config, resolve_targets
 from ..lora.layer import linear_dims
+from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import label_set
 from .data_batch import BatchIterator
 from .data_mix import Splits, load_splits, mix
 from .data_tokenize import render_prompt_completion, tokenize_records
 from .evaluate import classification_metrics, evaluate_loss, exact_match, generate_completions
-from .loading import load_model
-from .loop import Trainer
+from .loading import check_model_dir, load_model
+from .loop import Trainer, resume_point
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 MAX_EVAL_GENERATIONS = 200  # generation is slow: the metric uses at most this many test records
@@ -57,7 +60,8 @@ def prepare_records(config: TrainConfig) -> Splits:
     fmt = None if config.data_format == "auto" else config.data_format
     if config.data is None:
         from ..demo.task import demo_dataset
-        sources = [demo_dataset()]
+
+        sources = [demo_dataset()]  # deterministic in every process (a resumed run, each DDP rank)
     else:
         sources = config.data
     if len(sources) == 1:
@@ -91,7 +95,7 @@ def is_main() -> bool:
 def build_model(config: TrainConfig, model_dir: Path, device, dtype):
     """The model to train: full (every weight), LoRA on a 16/32-bit base, or QLoRA on NF4/FP4."""
     quantize = config.quant_type if config.method == "qlora" else None
-    model = load_model(model_dir, quantize=quantize, dtype=dtype, device=device)
+    model = load_model(model_dir, quantize=quantize, dtype=dtype, device=device, backend=config.kernel_backend)
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -100,7 +104,12 @@ def build_model(config: TrainConfig, model_dir: Path, device, dtype):
                           target_modules=_targets(config.target_modules), use_rslora=config.use_rslora,
                           base_model_name_or_path=str(model_dir))
         _check_rank(model, lora)
-        add_lora(model, lora)
+        add_lora(model, lora, backend=config.kernel_backend)
+    if config.fused_blocks == "on" or (config.fused_blocks == "auto" and device.type == "cuda"):
+        from ..patching import patch
+        report = patch(model, backend=config.kernel_backend)  # warns about what it skipped
+        if is_main():
+            print(report)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -113,24 +122,27 @@ def _targets(target_modules):
 
 
 def _check_rank(model, lora: LoraConfig) -> None:
-    smallest = min((min(d[:2]) for _, m in model.named_modules() if (d := linear_dims(m))), default=None)
-    if smallest is not None and lora.r > smallest:
-        raise ValueError(f"rank too large: r={lora.r} exceeds the smallest linear layer dimension "
-                         f"({smallest}) of this model")
+    """A rank above min(in, out) of an adapted layer adds parameters but no expressiveness:
+    almost surely a mistake (unknown target names raise here too, listing the model's layers)."""
+    targets, _ = resolve_targets(model, resolve_config(model, lora))
+    dims = {name: min(linear_dims(model.get_submodule(name))[:2]) for name in targets}
+    name = min(dims, key=dims.get, default=None)
+    if name is not None and lora.r > dims[name]:
+        raise ValueError(f"rank too large: r={lora.r} exceeds min(in, out) = {dims[name]} of the adapted "
+                         f"layer {name!r}; use --r {dims[name]} or less")
 
 
 def weight_io(model, config: TrainConfig):
     """(write(dir), read(dir)) of the trainable weights: a PEFT adapter, or the full model."""
     if config.method == "full":
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_model as load_into, save_model
 
-        def write(path: Path) -> None:
+        def write(path: Path) -> None:  # save_model / load_model handle tied (shared) tensors
             path.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                      path / "model.safetensors")
+            save_model(model, str(path / "model.safetensors"))
 
         def read(path: Path) -> None:
-            model.load_state_dict(load_file(path / "model.safetensors"))
+            load_into(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
         return write, read
 
     def write(path: Path) -> None:
@@ -144,7 +156,7 @@ def weight_io(model, config: TrainConfig):
 # ----------------------------------------------------------------------------- evaluation
 
 def loss_batches(records, tokenizer, config: TrainConfig) -> list[dict]:
-    dataset, _ = tokenize_records(records, tokenizer, config.max_length)
+    dataset, _ = tokenize_records(records, tokenizer, config.max_length, template=config.template)
     return list(BatchIterator(dataset, config.batch_size, pad_token_id=_pad_id(tokenizer), shuffle=False))
 
 
@@ -152,14 +164,14 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _prompt_and_reference(record, tokenizer) -> tuple[list[int], str]:
+def _prompt_and_reference(record, tokenizer, template=None) -> tuple[list[int], str]:
     if record.format == "chat":
         messages = record.data["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         ids = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) else ids
         return list(ids), messages[last]["content"]
-    prompt, reference = render_prompt_completion(record)
+    prompt, reference = render_prompt_completion(record, template)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"], reference
 
@@ -180,7 +192,7 @@ def evaluate_split(model, tokenizer, records, config: TrainConfig, device, autoc
     if metric == "perplexity":
         return result
     sample = records[:MAX_EVAL_GENERATIONS]
-    prompts, references = zip(*(_prompt_and_reference(r, tokenizer) for r in sample))
+    prompts, references = zip(*(_prompt_and_reference(r, tokenizer, config.template) for r in sample))
     predictions = generate_completions(model, tokenizer, prompts, config.eval_max_new_tokens, device,
                                        batch_size=max(config.batch_size, 32))
     if metric == "accuracy":
@@ -204,21 +216,26 @@ def train(config: TrainConfig) -> dict:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(config.output_dir)
-    if not config.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+    # refuse bad settings before anything is loaded or written
+    if config.resume:
+        resume_point(out, config)  # a corrupt checkpoint or other settings: CheckpointError now
+    elif latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --output-dir")
     seed_everything(config.seed)
     device, dtype = resolve_device_and_dtype(config)
     autocast_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
     model_dir = Path(config.model) if config.model else DEMO_DIR / "assets"
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_model_dir(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{model_dir}: cannot load its tokenizer: {err}") from None
 
     splits = prepare_records(config)
     if not splits.test:
         raise ValueError("no test records: give --test-data or a --split with a test share")
-    train_set, report = tokenize_records(splits.train, tokenizer, config.max_length)
+    train_set, report = tokenize_records(splits.train, tokenizer, config.max_length, template=config.template)
     if is_main():
         print(report)
     train_batches = BatchIterator(train_set, config.batch_size, pad_token_id=_pad_id(tokenizer),
@@ -242,6 +259,9 @@ def train(config: TrainConfig) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     trainer = Trainer(trainer_model, config, train_batches, val_batches, device, write, read, autocast_dtype)
     resumed = trainer.resume() if config.resume else False
+    if not resumed and is_main():  # a fresh run: no records or best weights of an earlier one
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "best", ignore_errors=True)
     result = trainer.train()
     if result["best"]["step"] and (out / "best").exists():
         read(out / "best")  # the deliverable is the best validated weights, not the last
@@ -266,9 +286,12 @@ def train(config: TrainConfig) -> dict:
             "model_dir": str(final_dir) if config.method == "full" else None,
             "counts": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
             "mean_tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else None,
-            "device": str(device), "config": config.to_dict(),
+            "device": str(device), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "config": config.to_dict(),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tmp = out / ".summary.json.tmp"  # renamed into place: never a half-written summary
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out / "summary.json")
         plot_losses(trainer.history, out / "loss_curve.png")
         print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
               f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; written to {out}")

@@ -1,0 +1,196 @@
+"""LoRA MLP block (`trilora.kernels.lora_mlp`) against a float64 reference and HF's MLP modules.
+
+`down(act(gate(x)) * up(x))` with hidden 48, intermediate 80, SwiGLU and GeGLU-tanh, dense
+and 4-bit bases, ranks 3/8 and adapter-less projections, bias, dropout on/off; outputs and
+every gradient. Also: only x is saved for backward, and the GLU kernels on extreme inputs.
+Triton runs through the interpreter on CPU (tests/conftest.py).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+from _blocks import FP32_TOL, check, rel_err
+from _lora_blocks import DEV, cast, grads_of, make_projection
+from transformers import GemmaConfig, LlamaConfig
+from transformers.models.gemma.modeling_gemma import GemmaMLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from trilora.kernels.lora_linear import lora_dropout_mask
+from trilora.kernels.lora_mlp import glu_backward_, glu_forward, glu_ref, lora_mlp, lora_mlp_ref
+from trilora.lora import LoraLinear
+from trilora.patch_modules import TriloraMLP
+
+lm = importlib.import_module("trilora.kernels.lora_mlp")
+lq = importlib.import_module("trilora.kernels.lora_qkv")
+ll = importlib.import_module("trilora.kernels.lora_linear")
+HIDDEN, INTER = 48, 80
+
+
+def make_mlp(ranks=(3, 8, 3), dtype=torch.float32, bias=False, quant=None, seed=0):
+    shapes = ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))
+    return [make_projection(n, k, r, dtype, bias, quant, seed + i)
+            for i, ((n, k), r) in enumerate(zip(shapes, ranks))]
+
+
+def inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(200 + seed)
+    return (torch.randn(2, 7, HIDDEN, generator=g).to(DEV, dtype),
+            torch.randn(2, 7, HIDDEN, generator=g).to(DEV, dtype))
+
+
+def run(x, projs, dy, act, p, seed, backend="triton", dtype=None):
+    dtype = dtype or x.dtype
+    xl = x.detach().to(dtype).clone().requires_grad_()
+    pl = [cast(pr, dtype) for pr in projs]
+    if dtype == torch.float64:
+        masks = None
+        if p > 0:
+            masks = (lora_dropout_mask(seed, x.shape, p, x.device),
+                     lora_dropout_mask(seed + 1, (*x.shape[:-1], INTER), p, x.device))
+        y = lora_mlp_ref(xl, *pl, act=act, dropout_p=p, masks=masks)
+    else:
+        y = lora_mlp(xl, *pl, act=act, dropout_p=p, backend=backend, seed=seed)
+    return grads_of(y, xl, pl, [dy])
+
+
+def check_all(x, projs, dy, act, p=0.0, seed=11, backend="triton"):
+    ours = run(x, projs, dy, act, p, seed, backend)
+    ref = run(x, projs, dy, act, p, seed, dtype=torch.float64)
+    base = run(x, projs, dy, act, p, seed, backend="torch") if x.dtype != torch.float32 else ours
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == x.dtype, name
+        check(ours[name], ref[name], base[name], name)
+    return ours
+
+
+CASES = [  # (act, dtype, ranks of gate/up/down, bias, quant, dropout p)
+    ("silu", torch.float32, (3, 8, 3), False, None, 0.0),
+    ("silu", torch.float32, (8, 0, 3), True, None, 0.25),
+    ("gelu_tanh", torch.float32, (3, 3, 8), False, None, 0.1),
+    ("silu", torch.float32, (3, 8, 8), True, ("nf4", True, 32), 0.0),
+    ("gelu_tanh", torch.float32, (8, 3, 0), False, ("fp4", False, 64), 0.2),
+    ("silu", torch.float16, (3, 8, 3), False, None, 0.25),
+    ("gelu_tanh", torch.float16, (3, 8, 3), True, ("nf4", True, 64), 0.0),
+]
+
+
+@pytest.mark.parametrize("act,dtype,ranks,bias,quant,p", CASES)
+def test_matches_fp64_reference(act, dtype, ranks, bias, quant, p):
+    x, dy = inputs(dtype, seed=sum(ranks))
+    check_all(x, make_mlp(ranks, dtype, bias, quant, seed=4), dy, act, p)
+
+
+def test_torch_backend_same_masks():
+    x, dy = inputs(torch.float32, seed=1)
+    projs = make_mlp((3, 8, 3), bias=True, seed=6)
+    ours = check_all(x, projs, dy, "silu", p=0.3)
+    torch_path = check_all(x, projs, dy, "silu", p=0.3, backend="torch")
+    for name in ours:
+        assert rel_err(ours[name], torch_path[name].double()) <= FP32_TOL, name
+
+
+def test_outputs_are_poisoned_then_written(monkeypatch):
+    nan = lambda *a, **kw: torch.full(*a, float("nan"), **kw)  # noqa: E731
+    for mod in (lm, lq, ll):
+        monkeypatch.setattr(mod, "_empty", nan)
+    x, dy = inputs(torch.float32, seed=2)
+    check_all(x, make_mlp((3, 8, 3), bias=True, quant=("nf4", True, 32)), dy, "gelu_tanh", p=0.2)
+
+
+def _saved_numel(fn) -> int:
+    """Elements autograd keeps for backward while running fn (views of an input count fully)."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes)
+
+
+def test_saves_only_x():
+    """The block keeps x for backward, not the [tokens, intermediate] activations HF keeps."""
+    x, _ = inputs(torch.float32)
+    x.requires_grad_()
+    projs = [cast(p, torch.float32) for p in make_mlp((3, 8, 3))]
+    ours = _saved_numel(lambda: lora_mlp(x, *projs, backend="triton"))
+    hf = _saved_numel(lambda: lora_mlp(x, *projs, backend="torch"))
+    assert ours == x.numel()
+    assert hf >= 4 * x.shape[0] * x.shape[1] * INTER
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy's σ(-large) in the interpreter: 0, exact
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_glu_kernels_extreme_values(act):
+    g = torch.Generator().manual_seed(3)
+    gate = torch.cat([torch.linspace(-40, 40, 161), torch.randn(159, generator=g) * 3]).view(4, 80)
+    up, dh = torch.randn(4, 80, generator=g), torch.randn(4, 80, generator=g)
+    gu = torch.cat([gate, up], 1)
+    h = glu_forward(gu, act)
+    glu_backward_(dh, gu, act)  # gu now holds [d_gate | d_up]
+    ref_in = [gate.double().requires_grad_(), up.double().requires_grad_()]
+    ref = glu_ref(*ref_in, act)
+    ref_grads = torch.autograd.grad(ref, ref_in, dh.double())
+    assert rel_err(h, ref) <= FP32_TOL
+    assert rel_err(gu[:, :80], ref_grads[0]) <= FP32_TOL and rel_err(gu[:, 80:], ref_grads[1]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_matches_hf_mlp_module(family):
+    """TriloraMLP over HF's LlamaMLP (SwiGLU) / GemmaMLP (GeGLU-tanh) with LoRA on gate and
+    down (up without adapter): the outputs and the gradients of x and the adapters."""
+    torch.manual_seed(1)
+    if family == "llama":
+        hf = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=4, mlp_bias=True))
+    else:
+        hf = GemmaMLP(GemmaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=4, head_dim=12))
+    hf.requires_grad_(False)
+    for name, r in (("gate_proj", 3), ("down_proj", 8)):
+        lora = LoraLinear(getattr(hf, name), r, 2 * r, backend="torch")
+        nn.init.normal_(lora.lora_B.weight, std=0.2)
+        setattr(hf, name, lora)
+    ours = TriloraMLP(hf, "silu" if family == "llama" else "gelu_tanh", backend="triton")
+    x, dy = inputs(torch.float32, seed=5)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    results = []
+    for module in (hf, ours):
+        xl = x.clone().requires_grad_()
+        y = module(xl)
+        results.append([y.detach(), *torch.autograd.grad(y, [xl, *params], dy)])
+    for a, b in zip(*results):
+        assert rel_err(b, a) <= FP32_TOL
+
+
+def test_input_errors():
+    x, _ = inputs(torch.float32)
+    gate, up, down = make_mlp()
+    with pytest.raises(ValueError, match="act"):
+        lora_mlp(x, gate, up, down, act="relu", backend="triton")
+    with pytest.raises(ValueError, match="down"):
+        lora_mlp(x, gate, up, make_projection(HIDDEN, INTER + 1, 3), backend="triton")
+    with pytest.raises(ValueError, match="one out size"):
+        lora_mlp(x, gate, make_projection(INTER + 2, HIDDEN, 3), down, backend="triton")
+
+
+def test_bench_rows_smoke(tmp_path):
+    """bench/bench_block_kernels.py --smoke --lora-blocks: the LoRA block rows, no CPU timings."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, "bench/bench_block_kernels.py", "--smoke", "--lora-blocks", "--out", str(out)],
+                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0"})
+    rows = [r for r in json.loads(out.read_text()) if r["op"].startswith("lora_")]
+    assert {(r["op"], r["base"], r["mode"]) for r in rows} == {
+        (op, base, mode) for op, base in (("lora_mlp", "dense"), ("lora_mlp", "nf4"), ("lora_qkv", "dense"))
+        for mode in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert r["baseline"] == "hf_peft" and r["rank"] == 16 and r["device"].startswith("cpu-smoke")
+        assert r["ours_ms"] is None and r["baseline_ms"] is None and r["saved_mem_mb"] is None

@@ -1,0 +1,162 @@
+"""LoRA QKV block (`trilora.kernels.lora_qkv`) against a float64 reference and HF-style modules.
+
+q, k, v of one input (GQA sizes: 4 query heads, 2 key/value heads of dim 12, hidden 48),
+dense and 4-bit bases, ranks 3/8 and adapter-less projections, Qwen2's q/k/v bias, dropout
+on/off; outputs and every gradient (dX, dA, dB, dbias). Triton runs through the interpreter
+on CPU (tests/conftest.py). Error metric and tolerances: tests/_blocks.py.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn as nn
+from _blocks import FP32_TOL, check, rel_err
+from _lora_blocks import DEV, cast, grads_of, make_projection
+
+from trilora.kernels.lora_linear import lora_dropout_mask
+from trilora.kernels.lora_qkv import Projection, lora_projections, lora_projections_ref, lora_qkv
+from trilora.lora import LoraLinear
+from trilora.patch_modules import projections_of
+
+lq = importlib.import_module("trilora.kernels.lora_qkv")
+ll = importlib.import_module("trilora.kernels.lora_linear")
+HIDDEN, NQ, NKV = 48, 48, 24  # 4 query heads and 2 key/value heads of dim 12
+
+
+def make_qkv(ranks=(8, 0, 3), dtype=torch.float32, bias=False, quant=(None, None, None), seed=0):
+    return [make_projection(n, HIDDEN, r, dtype, bias, q, seed + i)
+            for i, (n, r, q) in enumerate(zip((NQ, NKV, NKV), ranks, quant))]
+
+
+def inputs(dtype, seed=0, shape=(2, 7)):
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(*shape, HIDDEN, generator=g).to(DEV, dtype)
+    dys = [torch.randn(*shape, n, generator=g).to(DEV, dtype) for n in (NQ, NKV, NKV)]
+    return x, dys
+
+
+def run(x, projs, dys, p, seed, backend="triton", dtype=None):
+    """Outputs and gradients of lora_qkv (dtype None) or of the reference in `dtype`."""
+    dtype = dtype or x.dtype
+    xl = x.detach().to(dtype).clone().requires_grad_()
+    pl = [cast(pr, dtype) for pr in projs]
+    if dtype == torch.float64:
+        mask = lora_dropout_mask(seed, x.shape, p, x.device) if p > 0 else None
+        outs = lora_projections_ref(xl, pl, p, mask)
+    else:
+        outs = lora_qkv(xl, *pl, dropout_p=p, backend=backend, seed=seed)
+    return grads_of(tuple(outs), xl, pl, dys)
+
+
+def check_all(x, projs, dys, p=0.0, seed=7, backend="triton"):
+    ours = run(x, projs, dys, p, seed, backend)
+    ref = run(x, projs, dys, p, seed, dtype=torch.float64)
+    base = run(x, projs, dys, p, seed, backend="torch") if x.dtype != torch.float32 else ours
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == x.dtype, name
+        check(ours[name], ref[name], base[name], name)
+    return ours
+
+
+CASES = [  # (dtype, ranks, bias, quant of q/k/v, dropout p)
+    (torch.float32, (8, 0, 3), True, (None, None, None), 0.0),
+    (torch.float32, (3, 3, 8), False, (None, None, None), 0.25),
+    (torch.float32, (8, 0, 3), True, (("nf4", True, 32),) * 3, 0.2),
+    (torch.float32, (3, 8, 0), True, (("fp4", False, 64), None, None), 0.0),  # mixed bases
+    (torch.float16, (8, 0, 3), True, (None, None, None), 0.1),
+    (torch.float16, (3, 3, 8), False, (("nf4", False, 64),) * 3, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype,ranks,bias,quant,p", CASES)
+def test_matches_fp64_reference(dtype, ranks, bias, quant, p):
+    x, dys = inputs(dtype, seed=len(ranks))
+    check_all(x, make_qkv(ranks, dtype, bias, quant, seed=3), dys, p)
+
+
+def test_torch_backend_and_strided_input():
+    x, dys = inputs(torch.float32, seed=1)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # [2, 7, 48] with permuted strides
+    assert not xt.is_contiguous()
+    projs = make_qkv((3, 8, 3), bias=True, seed=5)
+    ours = check_all(xt, projs, dys, p=0.3)
+    torch_path = check_all(xt, projs, dys, p=0.3, backend="torch")  # same mask from the same seed
+    for name in ours:
+        assert rel_err(ours[name], torch_path[name].double()) <= FP32_TOL, name
+
+
+def test_dx_is_one_launch(monkeypatch):
+    """The backward writes dX once for all three projections (one `_multi_dx` call)."""
+    calls = []
+    real = lq._multi_dx
+    monkeypatch.setattr(lq, "_multi_dx", lambda dys, *a: calls.append(len(dys)) or real(dys, *a))
+    x, dys = inputs(torch.float32)
+    check_all(x, make_qkv((8, 0, 3), bias=True), dys)
+    assert calls == [3]
+
+
+def test_outputs_are_poisoned_then_written(monkeypatch):
+    """Launcher outputs NaN-filled: an element a kernel forgets to write fails the comparison."""
+    nan = lambda *a, **kw: torch.full(*a, float("nan"), **kw)  # noqa: E731
+    monkeypatch.setattr(lq, "_empty", nan)
+    monkeypatch.setattr(ll, "_empty", nan)
+    x, dys = inputs(torch.float32, seed=2)
+    check_all(x, make_qkv((8, 0, 3), bias=True, quant=(("nf4", True, 32),) * 3), dys, p=0.2)
+
+
+def test_only_adapters_train_and_empty_batch():
+    x, dys = inputs(torch.float32, seed=3)
+    projs = [cast(p, torch.float32) for p in make_qkv((3, 0, 8), bias=True)]
+    frozen = [Projection(p.weight, p.quant_state, p.lora_A, p.lora_B, p.scaling, p.bias.detach()) for p in projs]
+    outs = lora_qkv(x, *frozen, backend="triton")
+    torch.autograd.grad(outs, [frozen[0].lora_A, frozen[2].lora_B], dys)
+    empty = x[:, :0].detach().requires_grad_()  # [2, 0, 48]
+    outs = lora_qkv(empty, *projs, dropout_p=0.1, backend="triton")
+    assert [tuple(o.shape) for o in outs] == [(2, 0, NQ), (2, 0, NKV), (2, 0, NKV)]
+    got = grads_of(outs, empty, projs, [d[:, :0] for d in dys])
+    assert all(g.abs().sum() == 0 for k, g in got.items() if not k.startswith("y"))
+
+
+def test_matches_hf_lora_modules():
+    """Qwen2-style q/k/v (biased nn.Linear under LoraLinear, k without adapter): the block
+    gives the modules' outputs and the gradients of x and the fp32 adapter parameters."""
+    torch.manual_seed(0)
+    mods = [nn.Linear(HIDDEN, n, bias=True) for n in (NQ, NKV, NKV)]
+    for m in mods:
+        m.weight.requires_grad_(False)
+    mods = [LoraLinear(mods[0], 8, 16, backend="torch"), mods[1], LoraLinear(mods[2], 3, 6, backend="torch")]
+    for m in (mods[0], mods[2]):
+        nn.init.normal_(m.lora_B.weight, std=0.2)
+    x, dys = inputs(torch.float32, seed=4)
+    params = [p for m in mods for p in m.parameters() if p.requires_grad]
+    results = []
+    for fused in (False, True):
+        xl = x.clone().requires_grad_()
+        if fused:
+            xc, projs, p = projections_of(mods, xl)
+            outs = lora_qkv(xc, *projs, dropout_p=p, backend="triton")
+        else:
+            outs = [m(xl) for m in mods]
+        results.append([o.detach() for o in outs] + list(torch.autograd.grad(outs, [xl, *params], dys)))
+    for hf, ours in zip(*results):
+        assert rel_err(ours, hf) <= FP32_TOL
+
+
+def test_input_errors():
+    x, _ = inputs(torch.float32)
+    q, k, v = make_qkv()
+    with pytest.raises(ValueError, match="projection 1"):
+        lora_qkv(x, q, make_projection(NKV, HIDDEN + 1, 0), v, backend="triton")
+    with pytest.raises(ValueError, match="both be given"):
+        lora_qkv(x, Projection(q.weight, lora_A=q.lora_A), k, v, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        lora_qkv(x.half(), q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="1 to 3"):
+        lora_projections(x, [q, k, v, v], backend="triton")
+    with pytest.raises(ValueError, match="seed"):
+        lora_qkv(x, q, k, v, dropout_p=0.1, backend="triton", seed=-1)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_qkv(x, Projection(q.weight.clone().requires_grad_(), None, q.lora_A, q.lora_B), k, v, backend="triton")
