@@ -66,6 +66,21 @@ if HAS_TRITON:
         return w
 
     @triton.jit
+    def _grouped_tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Row and column offsets of this program's [BLOCK_M, BLOCK_N] output tile, GROUP_M row
+        tiles at a time so the weight tiles they share stay in L2 (Triton's matmul tutorial)."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_size = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·K may pass 2**31
+        return offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    @triton.jit
     def _lowrank_kernel(
         # pointers
         a_ptr,            # [M, K] activations (x, or dY)
@@ -124,16 +139,7 @@ if HAS_TRITON:
     ):
         # 1. map program id to an output tile, GROUP_M row-tiles at a time so the W tiles they
         #    share stay in L2
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        group_size = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-        pid_n = (pid % (GROUP_M * num_n)) // group_size
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·K may pass 2**31
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n = _grouped_tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         compute_dtype = y_ptr.dtype.element_ty
 
         # 2./3. base K-loop: acc += x[:, k] @ W[:, k]ᵀ, W's tile dequantized in registers
@@ -189,16 +195,7 @@ if HAS_TRITON:
         # Here the output's columns are in-features (BLOCK_N of K) and the reduction runs over
         # out-features (BLOCK_K of N).
         # 1. map program id to a dX tile (grouped, as in the forward)
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_N)
-        group = pid // (GROUP_M * num_k)
-        first_m = group * GROUP_M
-        group_size = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_k)) % group_size
-        pid_k = (pid % (GROUP_M * num_k)) // group_size
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·K may pass 2**31
-        offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_k = _grouped_tile_offsets(M, K, BLOCK_M, BLOCK_N, GROUP_M)
         compute_dtype = dx_ptr.dtype.element_ty
 
         # 2./3. base loop over out-features: acc += dY[:, n] @ W[n, :]

@@ -46,7 +46,7 @@ if HAS_TRITON:
     from .dequantize_4bit import dequantize_4bit_triton
     from .lora_linear import (BLOCKS, _base_args, _dot_dtype, _gemm_grid, _lowrank, _matmul_tn,
                               _precision)
-    from .lora_linear_kernels import _dropout_keep, _load_base_tile, _lora_fwd_kernel
+    from .lora_linear_kernels import _dropout_keep, _grouped_tile_offsets, _load_base_tile, _lora_fwd_kernel
 
 MAX_SEGMENTS = 3
 
@@ -147,16 +147,7 @@ if HAS_TRITON:
     ):
         # The output's columns are in-features (BLOCK_N of K); reductions run over out-features.
         # 1. map program id to a dX tile, GROUP_M row-tiles at a time (W tiles stay in L2)
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_N)
-        group = pid // (GROUP_M * num_k)
-        first_m = group * GROUP_M
-        group_size = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_k)) % group_size
-        pid_k = (pid % (GROUP_M * num_k)) // group_size
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·K may pass 2**31
-        offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_k = _grouped_tile_offsets(M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
         # 2./3. base terms of every segment into one accumulator: acc += dY_i @ W_i
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
