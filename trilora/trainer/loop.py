@@ -128,7 +128,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train")
         stopped_early = False
         while self.step < self.total_steps:
-            start, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            start, tokens = time.perf_counter(), 0
             # every rank draws the step's world * grad_accum micro-batches and keeps its share,
             # so the data position is the same on all ranks and in 1-process runs
             drawn = [next(stream) for _ in range(cfg.grad_accum * self.world)]
@@ -137,18 +137,19 @@ class Trainer:
             # batch 8 x accum 1 and batch 4 x accum 2 (or 2 ranks) give the same gradient;
             # the factor `world` undoes DDP's averaging of the ranks' gradients
             step_tokens = max(1, sum(_trained_tokens(b) for b in drawn))
+            step_loss = torch.zeros((), device=self.device)
             for i, batch in enumerate(mine):
                 weight = _trained_tokens(batch) * self.world / step_tokens
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                tokens += _input_tokens(batch)  # counted on the host copy: no device sync
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                          enabled=self.autocast_dtype is not None):
                     loss = model(**batch).loss * weight
                     loss.backward()
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].ne(0).sum()) if batch.get("attention_mask") is not None \
-                    and batch["attention_mask"].dim() == 2 else batch["input_ids"].numel()
+                step_loss += loss.detach()
+            loss_sum = step_loss.item()  # one device sync per step, not per micro-batch
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             grad_norm = None
             if cfg.max_grad_norm > 0:
@@ -204,6 +205,14 @@ class Trainer:
 def _trained_tokens(batch: dict) -> int:
     """Tokens of `batch` in the loss: labels other than -100, after HF's shift by one."""
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _input_tokens(batch: dict) -> int:
+    """Non-padding input tokens of `batch` (all of them when packed rows carry a 4-D mask)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.ne(0).sum())
+    return batch["input_ids"].numel()
 
 
 def _write_atomically(write: Callable[[Path], None], path: Path) -> None:
