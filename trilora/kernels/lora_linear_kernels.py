@@ -171,6 +171,50 @@ if HAS_TRITON:
                  acc.to(compute_dtype), mask=y_ok)
 
     @triton.jit
+    def _dx_segment(acc, offs_m, offs_k, M, K,
+                    dy_ptr, stride_dym, stride_dyn, N,
+                    w_ptr, stride_wn, stride_wk, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                    offset_ptr, dx_ptr,
+                    QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                    NESTED_BLOCKSIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        """acc += dY[rows, :N] @ W[:N, cols] of one projection; W's tiles (dequantized when QUANT)
+        rounded to dX's dtype first."""
+        for n0 in range(0, N, BLOCK_K):
+            offs_n = n0 + tl.arange(0, BLOCK_K)
+            dy_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=dy_ok, other=0.0)
+            w = _load_base_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                offs_n[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
+                                QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE)  # [BK, BN]
+            acc = tl.dot(dy.to(DOT_DTYPE), w.to(dx_ptr.dtype.element_ty).to(DOT_DTYPE), acc,
+                         input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _dx_lowrank_and_store(acc, offs_m, offs_k, M, K, R, u_ptr, stride_um, stride_ur,
+                              lora_a_ptr, stride_ar, stride_ak, dx_ptr, stride_dxm, stride_dxk,
+                              seed, p, inv_keep, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        """dX[rows, cols] = acc + (u A) ⊙ keep / (1-p): the low-rank term in its own accumulator
+        (dropout's mask multiplies it alone), then one rounding and one store."""
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_K):
+            offs_r = r0 + tl.arange(0, BLOCK_K)
+            u_ok = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+            u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=u_ok, other=0.0)
+            a_ok = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+            a = tl.load(lora_a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak, mask=a_ok, other=0.0)
+            lora = tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE), lora, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offs_m[:, None], offs_k[None, :], K, p)
+            lora = tl.where(keep, lora * inv_keep, 0.0)
+        dx_ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 (acc + lora).to(dx_ptr.dtype.element_ty), mask=dx_ok)
+
+    @triton.jit
     def _lora_dx_kernel(
         # pointers
         dy_ptr,           # [M, N] output gradient
@@ -196,37 +240,16 @@ if HAS_TRITON:
         # out-features (BLOCK_K of N).
         # 1. map program id to a dX tile (grouped, as in the forward)
         offs_m, offs_k = _grouped_tile_offsets(M, K, BLOCK_M, BLOCK_N, GROUP_M)
-        compute_dtype = dx_ptr.dtype.element_ty
 
         # 2./3. base loop over out-features: acc += dY[:, n] @ W[n, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_K):
-            offs_n = n0 + tl.arange(0, BLOCK_K)
-            dy_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=dy_ok, other=0.0)
-            w = _load_base_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                                offset_ptr, offs_n[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
-                                QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE)  # [BK, BN]
-            w = w.to(compute_dtype).to(DOT_DTYPE)
-            acc = tl.dot(dy.to(DOT_DTYPE), w, acc, input_precision=PRECISION)
-
-        # 4. low-rank term (u A) in its own accumulator: dropout's mask multiplies it alone
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_K):
-            offs_r = r0 + tl.arange(0, BLOCK_K)
-            u_ok = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-            u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=u_ok, other=0.0)
-            a_ok = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-            a = tl.load(lora_a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak, mask=a_ok, other=0.0)
-            lora = tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE), lora, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs_m[:, None], offs_k[None, :], K, p)
-            lora = tl.where(keep, lora * inv_keep, 0.0)
-
-        # 5. store dX once
-        dx_ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                 (acc + lora).to(compute_dtype), mask=dx_ok)
+        acc = _dx_segment(acc, offs_m, offs_k, M, K, dy_ptr, stride_dym, stride_dyn, N, w_ptr, stride_wn,
+                          stride_wk, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                          dx_ptr, QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE, DOT_DTYPE, PRECISION, BLOCK_K)
+        # 4./5. low-rank term (u A) with dropout's mask, then the one store of dX
+        _dx_lowrank_and_store(acc, offs_m, offs_k, M, K, R, u_ptr, stride_um, stride_ur,
+                              lora_a_ptr, stride_ar, stride_ak, dx_ptr, stride_dxm, stride_dxk,
+                              seed, p, inv_keep, HAS_DROPOUT, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     @triton.jit
     def _matmul_tn_kernel(

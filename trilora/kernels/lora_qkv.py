@@ -46,7 +46,8 @@ if HAS_TRITON:
     from .dequantize_4bit import dequantize_4bit_triton
     from .lora_linear import (BLOCKS, _base_args, _dot_dtype, _gemm_grid, _lowrank, _matmul_tn,
                               _precision)
-    from .lora_linear_kernels import _dropout_keep, _grouped_tile_offsets, _load_base_tile, _lora_fwd_kernel
+    from .lora_linear_kernels import (_dx_lowrank_and_store, _dx_segment, _grouped_tile_offsets,
+                                      _lora_fwd_kernel)
 
 MAX_SEGMENTS = 3
 
@@ -102,27 +103,6 @@ def lora_projections_ref(x: torch.Tensor, projs, dropout_p: float = 0.0,
 if HAS_TRITON:
 
     @triton.jit
-    def _dx_segment(acc, offs_m, offs_k, M, K,
-                    dy_ptr, stride_dym, stride_dyn, N,
-                    w_ptr, stride_wn, stride_wk, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
-                    offset_ptr, dx_ptr,
-                    QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                    NESTED_BLOCKSIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-        """acc += dY[rows, :N] @ W[:N, cols] of one projection; W's tiles (dequantized when QUANT)
-        rounded to dX's dtype first, as `_lora_dx_kernel` does."""
-        for n0 in range(0, N, BLOCK_K):
-            offs_n = n0 + tl.arange(0, BLOCK_K)
-            dy_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=dy_ok, other=0.0)
-            w = _load_base_tile(w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                offs_n[:, None], offs_k[None, :], N, K, stride_wn, stride_wk,
-                                QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE)  # [BK, BN]
-            acc = tl.dot(dy.to(DOT_DTYPE), w.to(dx_ptr.dtype.element_ty).to(DOT_DTYPE), acc,
-                         input_precision=PRECISION)
-        return acc
-
-    @triton.jit
     def _multi_dx_kernel(
         # pointers of segment i (i < N_SEG): its dY [M, N_i], base weight and 4-bit tables
         dy0_ptr, w0_ptr, absmax0_ptr, code0_ptr, nabsmax0_ptr, ncode0_ptr, offset0_ptr,
@@ -163,23 +143,11 @@ if HAS_TRITON:
                               absmax2_ptr, code2_ptr, nabsmax2_ptr, ncode2_ptr, offset2_ptr, dx_ptr,
                               QUANT, NESTED, BLOCKSIZE, NESTED_BLOCKSIZE, DOT_DTYPE, PRECISION, BLOCK_K)
 
-        # 4. the adapters' low-rank terms, summed before the (shared) dropout mask
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_K):
-            offs_r = r0 + tl.arange(0, BLOCK_K)
-            u_ok = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-            u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur, mask=u_ok, other=0.0)
-            a_ok = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-            a = tl.load(lora_a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak, mask=a_ok, other=0.0)
-            lora = tl.dot(u.to(DOT_DTYPE), a.to(DOT_DTYPE), lora, input_precision=PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs_m[:, None], offs_k[None, :], K, p)
-            lora = tl.where(keep, lora * inv_keep, 0.0)
-
-        # 5. the only store of dX
-        dx_ok = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                 (acc + lora).to(dx_ptr.dtype.element_ty), mask=dx_ok)
+        # 4./5. the adapters' low-rank terms, summed before the (shared) dropout mask; the only
+        #       store of dX
+        _dx_lowrank_and_store(acc, offs_m, offs_k, M, K, R, u_ptr, stride_um, stride_ur,
+                              lora_a_ptr, stride_ar, stride_ak, dx_ptr, stride_dxm, stride_dxk,
+                              seed, p, inv_keep, HAS_DROPOUT, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # ----------------------------------------------------------------------------- launchers
