@@ -40,6 +40,9 @@ class TrainConfig:
     test_data: str | None = _f(None, "test file (default: split from --data)")
     split: list[float] = _f((0.8, 0.1, 0.1), "train, validation[, test] ratios (summing to 1) when "
                                              "splitting --data", nargs="+")
+    replay_data: list[str] | None = _f(None, "data of earlier training stages, replayed into this stage "
+                                             "against catastrophic forgetting (see --replay)", nargs="+")
+    replay: float = _f(0.0, "fraction of this stage's training examples drawn from --replay-data")
     output_dir: str = _f("trilora-out", "where checkpoints, metrics, adapter and summary go")
     # optimisation
     max_steps: int = _f(0, "optimizer steps (0: run --epochs)")
@@ -62,6 +65,8 @@ class TrainConfig:
     target_modules: list[str] = _f(("all-linear",), "module names or regexes to adapt", nargs="+")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
     quant_type: str = _f("nf4", "4-bit type of the qlora base: nf4 or fp4")
+    init_adapter: str | None = _f(None, "start from this PEFT adapter (e.g. an earlier stage's) instead of "
+                                        "fresh LoRA weights; its r, alpha and targets are used")
     # evaluation and checkpoints
     eval_every: int = _f(0, "validate every N steps (0: at the end only)")
     save_every: int = _f(0, "checkpoint every N steps (0: only the final adapter)")
@@ -98,6 +103,12 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown scheduler {self.scheduler!r}: cosine, linear or constant")
+        if not 0 <= self.replay < 1:
+            raise ValueError(f"replay must be in [0, 1), got {self.replay}")
+        if self.replay > 0 and not self.replay_data:
+            raise ValueError("--replay needs --replay-data: the earlier stages' data to replay")
+        if self.init_adapter is not None and self.method == "full":
+            raise ValueError("--init-adapter starts LoRA / QLoRA from an adapter; method 'full' has none")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
         if self.data_format != "auto" and self.data_format not in FORMATS:
@@ -133,7 +144,8 @@ class TrainConfig:
     RESUME_KEYS = ("model", "method", "data", "mix_weights", "data_format", "split", "lr",
                    "batch_size", "grad_accum", "max_length", "packing", "r", "alpha", "dropout",
                    "target_modules", "use_rslora", "quant_type", "seed", "scheduler", "warmup_steps",
-                   "template", "weight_decay", "max_grad_norm", "val_data", "test_data")
+                   "template", "weight_decay", "max_grad_norm", "val_data", "test_data",
+                   "replay_data", "replay", "init_adapter")
 
 
 def _kind(f) -> tuple[type, bool]:

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..lora import LoraConfig, add_lora, load_adapter_weights, save_adapter
+from ..lora import LoraConfig, add_lora, load_adapter, load_adapter_weights, save_adapter
 from ..lora.inject import resolve_config, resolve_targets
 from ..lora.layer import linear_dims
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import label_set
 from .data_batch import BatchIterator
-from .data_mix import Splits, load_splits, mix
+from .data_mix import Splits, load_splits, mix, stages
 from .data_tokenize import render_prompt_completion, tokenize_records
 from .evaluate import classification_metrics, evaluate_loss, exact_match, generate_completions
 from .loading import check_model_dir, load_model
@@ -79,6 +79,16 @@ def prepare_records(config: TrainConfig) -> Splits:
         train = mix({k: s.train for k, s in parts.items()}, weights, seed=config.seed)
         splits = Splits(train, [r for s in parts.values() for r in s.validation],
                         [r for s in parts.values() for r in s.test])
+    if config.replay_data and config.replay > 0:  # a later stage: earlier stages' data replayed
+        earlier = []
+        for source in config.replay_data:
+            s, r = load_splits(source, ratios=config.split, seed=config.seed, format=fmt)
+            earlier, reports[f"replay {source}"] = earlier + s.train, r["train"]
+        train = stages([earlier, splits.train], replay=config.replay, seed=config.seed)[1]
+        if is_main():
+            print(f"replay: {len(train) - len(splits.train)} of {len(train)} training examples "
+                  f"from earlier stages ({', '.join(config.replay_data)})")
+        splits = Splits(train, splits.validation, splits.test)
     if is_main():
         for report in reports.values():
             print(report)
@@ -99,6 +109,8 @@ def build_model(config: TrainConfig, model_dir: Path, device, dtype):
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+    elif config.init_adapter is not None:  # continue an earlier stage's adapter
+        load_adapter(model, config.init_adapter, backend=config.kernel_backend, is_trainable=True)
     else:
         lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
                           target_modules=_targets(config.target_modules), use_rslora=config.use_rslora,
