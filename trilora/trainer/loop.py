@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -102,6 +103,10 @@ class Trainer:
         if path is None:
             return False
         state = load_checkpoint(path, self.optimizer, self.scheduler)
+        if state.get("total_steps") not in (None, self.total_steps):
+            # allowed (train longer or shorter), but the lr schedule's shape changes: say so
+            warnings.warn(f"resuming a run planned for {state['total_steps']} steps as one of "
+                          f"{self.total_steps}: the learning-rate schedule is stretched accordingly")
         self.read_weights(path / "weights")
         self.train_batches.load_state_dict(state["data"])
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
