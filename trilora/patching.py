@@ -33,6 +33,7 @@ import torch.nn as nn
 from trilora.kernels.backend import BACKENDS
 from trilora.kernels.rms_norm import RMSNorm
 from trilora.lora.layer import LoraLinear, TrainableCopy
+from trilora.modules import replace_module
 from trilora.quant import Linear4bit
 
 from .patch_loss import FusedLMHead, install_fused_loss
@@ -210,9 +211,8 @@ def patch(model: nn.Module, backend: str = "auto", *, rms_norm: bool = True, mlp
         else:
             replacements.append((name, kind, new))
     for name, kind, new in replacements:  # after the walk: named_modules must not see a changing tree
-        parent, _, child = name.rpartition(".")
         move_hooks(model.get_submodule(name), new)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, name, new)
         report.patched[kind].append(name)
 
     if loss:

@@ -20,6 +20,8 @@ import torch.nn as nn
 
 from trilora.quant import Linear4bit
 
+from ..modules import replace_module
+
 from .config import DEFAULT_TARGET_MODULES, SEQ_CLS_HEADS, LoraConfig
 from .layer import LoraLinear, TrainableCopy, linear_dims
 
@@ -144,11 +146,6 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
 
 # ----------------------------------------------------------------------------- injection
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str = "auto",
              strict: bool = True) -> nn.Module:
     """Wrap every matching linear layer of `model` in `LoraLinear`, in place; returns `model`.
@@ -187,9 +184,9 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str
         layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.use_rslora,
                            config.init_lora_weights, backend)
         conv1d |= layer.fan_in_fan_out
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     for name in save:
-        _replace(model, name, TrainableCopy(model.get_submodule(name)))
+        replace_module(model, name, TrainableCopy(model.get_submodule(name)))
     _mark_biases(model, config.bias)
 
     stored = config.copy(

@@ -15,13 +15,9 @@ import torch.nn as nn
 
 from trilora.quant import Linear4bit, dequantize_4bit
 
+from ..modules import replace_module
 from .inject import CONFIG_ATTR, get_lora_config, lora_layers
 from .layer import LoraLinear, TrainableCopy
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
@@ -83,9 +79,9 @@ def merge_lora(model: nn.Module, requantize: bool = False, unload: bool = True) 
             if not layer.merged:
                 _fold(layer, +1.0)
             new = base
-        _replace(model, name, new)
+        replace_module(model, name, new)
     for name, wrapper in [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableCopy)]:
-        _replace(model, name, wrapper.trained)
+        replace_module(model, name, wrapper.trained)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
@@ -125,7 +121,7 @@ def save_merged(model: nn.Module, path: str | os.PathLike, in_place: bool = Fals
     if get_lora_config(merged) is not None or any(True for _ in lora_layers(merged)):
         merge_lora(merged)  # else: merged already (merge_lora, then save_merged) — just save
     for name, module in [(n, m) for n, m in merged.named_modules() if isinstance(m, Linear4bit)]:
-        _replace(merged, name, _dense_from_4bit(module, None, backend))
+        replace_module(merged, name, _dense_from_4bit(module, None, backend))
     path = os.fspath(path)
     merged.save_pretrained(path)
     if not os.path.isfile(os.path.join(path, "model.safetensors")) and \

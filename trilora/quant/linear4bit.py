@@ -1,13 +1,13 @@
 """`Linear4bit`: a frozen 4-bit linear layer whose state dict is bitsandbytes' own."""
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules import name_matches, replace_module
 from .functional import dequantize_4bit, quantize_4bit, validate_quant_state
 from .state import QuantState
 
@@ -165,27 +165,20 @@ class Linear4bit(nn.Module):
         self._set_quantized(packed, state)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(name == p or leaf == p or re.fullmatch(p, name) for p in patterns)
-
-
 def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                    skip: Iterable[str] = ("lm_head",), backend: str = "auto") -> nn.Module:
     """Replace every `nn.Linear` of `model` in place by a `Linear4bit`, and return `model`.
 
-    `skip` holds module names (full dotted path, last component, or a regex over the full
-    path) left in 16 bits; the LM head by default, as bitsandbytes and HF do.
+    `skip` holds module names (full dotted path, a dotted suffix, last component, or a regex
+    over the full path) left in 16 bits; the LM head by default, as bitsandbytes and HF do.
     """
     skip = tuple(skip)
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and not _matches(name, skip)]
+               if type(module) is nn.Linear and not name_matches(name, skip)]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, blocksize, double_quant,
-                                                      compute_dtype, backend))
+        replace_module(model, name, Linear4bit.from_linear(linear, quant_type, blocksize, double_quant,
+                                                           compute_dtype, backend))
     return model
 
 

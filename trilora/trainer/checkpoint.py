@@ -53,8 +53,9 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
-    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    meta = {"python": [version, list(internal), gauss],
             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     return tensors, meta
 

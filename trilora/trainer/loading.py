@@ -10,7 +10,6 @@ unless asked.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn as nn
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
+from ..modules import name_matches, replace_module
 from ..quant import Linear4bit
 
 def _shards(path: Path) -> list[Path]:
@@ -60,11 +60,6 @@ def _quant_settings(config, quantize, double_quant, skip):
                          "(trilora reads bitsandbytes 4-bit checkpoints)")
     skip = tuple(qc.get("llm_int8_skip_modules") or ("lm_head",))
     return qc.get("bnb_4bit_quant_type", "nf4"), qc.get("bnb_4bit_use_double_quant", False), skip, True
-
-
-def _skipped(name: str, skip) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(name == s or leaf == s or name.endswith("." + s) or re.fullmatch(s, name) for s in skip)
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -112,7 +107,7 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
         model = (model_class or AutoModelForCausalLM).from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code)
     targets = {name for name, m in model.named_modules()
-               if quant_type and type(m) is nn.Linear and not _skipped(name, skip)}
+               if quant_type and type(m) is nn.Linear and not name_matches(name, skip)}
     names = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
              | {n for n, _ in model.named_buffers()})
     pending: dict[str, dict[str, torch.Tensor]] = {}  # pre-quantized layers being gathered
@@ -126,7 +121,7 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
                 elif owner in targets and key == owner + ".weight":  # quantize as it is read
                     weight = f.get_tensor(key).to(device, dtype)
                     bias = model.get_submodule(owner).bias
-                    _replace(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant,
+                    replace_module(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant,
                                                                  backend=backend))
                     del weight  # the dense copy dies here: one linear weight at a time
                 elif key in names:
@@ -138,7 +133,7 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
             entries = pending.pop(owner)
             if "bias" in entries:
                 entries["bias"] = entries["bias"].to(dtype)
-            _replace(model, owner, Linear4bit.from_state_dict(entries, backend=backend))
+            replace_module(model, owner, Linear4bit.from_state_dict(entries, backend=backend))
     if pending:
         raise ValueError(f"{path}: incomplete 4-bit entries for {sorted(pending)[:5]}")
     if getattr(config, "tie_word_embeddings", False):
@@ -156,11 +151,6 @@ def _owner(key: str) -> str:
     if ".weight." in key:
         return key.split(".weight.", 1)[0]
     return key.rsplit(".", 1)[0]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _complete(entries: dict[str, torch.Tensor]) -> bool:
