@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_out, median_ms, ratio, require_cuda, row, write_rows  # noqa: E402
 
 from trilora.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
-from trilora.kernels.lora_mlp import lora_mlp  # noqa: E402
-from trilora.kernels.lora_qkv import Projection, lora_qkv  # noqa: E402
+from trilora.kernels.lora import Projection, lora_mlp, lora_qkv  # noqa: E402
 from trilora.kernels.rms_norm import rms_norm  # noqa: E402
 from trilora.kernels.rope import apply_rotary_pos_emb  # noqa: E402
 from trilora.kernels.swiglu import swiglu  # noqa: E402

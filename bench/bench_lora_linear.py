@@ -1,4 +1,4 @@
-"""Benchmark: the fused LoRA linear (`trilora.kernels.lora_linear`), dense bf16 and 4-bit NF4, on a GPU.
+"""Benchmark: the fused LoRA linear (`trilora.kernels.lora.linear`), dense bf16 and 4-bit NF4, on a GPU.
 
 Llama-3-8B projection shapes (in → out) 4096→4096, 4096→14336, 14336→4096; tokens M ∈ {2048,
 8192, 16384}; ranks {16, 64}; "fwd" and "fwd+bwd" (base weight frozen: dX, dA, dB).
@@ -15,13 +15,18 @@ ratio = ours / baseline time (< 1: ours is faster). achieved = our TFLOP/s from 
 (forward 2MNK + 2Mr(K+N); the backward adds one base GEMM (dX) and twice the adapter term, no dW);
 ceiling_pct = achieved / the bf16 dense GEMM rate (8192³ cuBLAS) measured in the same run.
 
-    python bench/bench_lora_linear.py [--out bench/results/X.json] [--dequant-buffer]   # GPU
-    python bench/bench_lora_linear.py --smoke                                           # CPU harness check
+    python bench/bench_lora_linear.py [--out bench/results/X.json]            # GPU, the default paths
+    python bench/bench_lora_linear.py --sweep [--out ...]                      # GPU, the tuning table
+    python bench/bench_lora_linear.py --smoke [--sweep]                        # CPU harness check
+
+--sweep times the engine's alternatives on the same shapes (op "sweep", one row per
+configuration, baseline = dense bf16 F.linear): every tile of `configs` forced in turn, TMA on and
+off, and for NF4 the K-loop unpack against the dequantize-once buffer at each M, so that the
+heuristics in trilora/kernels/lora/configs.py can be replaced by measured choices.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -31,11 +36,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_out, median_ms, ratio, require_cuda, row, write_rows  # noqa: E402
 
-from trilora.kernels.lora_linear import lora_linear, lora_linear_ref  # noqa: E402
+from trilora.kernels.lora import configs, lora_linear, lora_linear_ref  # noqa: E402
 from trilora.quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 GPU_GRID = dict(shapes=[(4096, 4096), (4096, 14336), (14336, 4096)], tokens=[2048, 8192, 16384], ranks=[16, 64])
 SMOKE_GRID = dict(shapes=[(64, 48)], tokens=[8], ranks=[4])
+SWEEP_GRID = dict(shapes=[(4096, 4096), (4096, 14336), (14336, 4096)], tokens=[16, 256, 1024, 8192], ranks=[16])
 MODES = ("fwd", "fwd+bwd")
 SCALING = 2.0
 
@@ -118,10 +124,8 @@ def peft_bnb_layer(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, device):
     return layer
 
 
-def bench(smoke: bool, dequant_buffer: bool = False) -> list[dict]:
+def bench(smoke: bool) -> list[dict]:
     require_cuda(smoke)
-    lora_module = importlib.import_module("trilora.kernels.lora_linear")
-    lora_module.DEQUANT_BUFFER_MIN_M = 0 if dequant_buffer else None
     ceiling = gemm_ceiling_tflops(smoke)
     grid = SMOKE_GRID if smoke else GPU_GRID
     rows = []
@@ -129,8 +133,6 @@ def bench(smoke: bool, dequant_buffer: bool = False) -> list[dict]:
         for m in grid["tokens"]:
             for r in grid["ranks"]:
                 for op, ours_fn, baselines, extra, grads, dy in ops(m, k, n, r, smoke):
-                    if op == "qlora_linear":
-                        extra = dict(extra, dequant="buffer" if dequant_buffer else "in_loop")
                     for mode in MODES:
                         ours = median_ms(runner(ours_fn, grads, dy, mode), smoke)
                         achieved = None if ours is None else model_flops(m, k, n, r, mode) / ours / 1e9
@@ -147,17 +149,63 @@ def bench(smoke: bool, dequant_buffer: bool = False) -> list[dict]:
     return rows
 
 
+SWEEP_TILES = {"wide": configs.WIDE, "square": configs.SQUARE, "skinny": configs.SKINNY, "narrow": configs.NARROW,
+               "unpack": configs.UNPACK, "unpack_narrow": configs.UNPACK_NARROW}
+
+
+def sweep_settings(op: str):
+    """(label, {configs attribute: value}) of every alternative the sweep times for `op`."""
+    yield "default", {}
+    for name, tile in SWEEP_TILES.items():
+        if op == "qlora_linear" or not name.startswith("unpack"):
+            yield f"tile={name}", {"FORCE_TILE": tile}
+    yield "tma=off", {"USE_TMA": False}
+    if op == "qlora_linear":
+        yield "nf4=buffer", {"DEQUANT_BUFFER_MIN_M": 0}
+        yield "nf4=in_loop", {"DEQUANT_BUFFER_MIN_M": 1 << 40}
+
+
+def sweep(smoke: bool) -> list[dict]:
+    """Each alternative of `sweep_settings` on each shape, against dense bf16 in the same run."""
+    require_cuda(smoke)
+    grid = SMOKE_GRID if smoke else SWEEP_GRID
+    saved = {k: getattr(configs, k) for k in ("FORCE_TILE", "USE_TMA", "DEQUANT_BUFFER_MIN_M")}
+    rows = []
+    for k, n in grid["shapes"]:
+        for m in grid["tokens"]:
+            for r in grid["ranks"]:
+                for op, ours_fn, baselines, extra, grads, dy in ops(m, k, n, r, smoke):
+                    dense = {mode: median_ms(runner(baselines["dense_bf16"], grads, dy, mode), smoke) for mode in MODES}
+                    for label, settings in sweep_settings(op):
+                        for key, value in settings.items():
+                            setattr(configs, key, value)
+                        try:
+                            for mode in MODES:
+                                ours = median_ms(runner(ours_fn, grads, dy, mode), smoke)
+                                rows.append(row(smoke, op="sweep", kernel=op, setting=label, mode=mode, shape=[m, k, n],
+                                                dtype="bfloat16", rank=r, ours_ms=ours, baseline="dense_bf16",
+                                                baseline_ms=dense[mode], ratio=ratio(ours, dense[mode]), **extra))
+                        except Exception as err:  # noqa: BLE001 - a setting that fails is a row, not the end
+                            rows.append(row(smoke, op="sweep", kernel=op, setting=label, shape=[m, k, n],
+                                            error=f"{type(err).__name__}: {err}"[:300]))
+                        finally:
+                            for key, value in saved.items():
+                                setattr(configs, key, value)
+                if not smoke:
+                    torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run on the torch path, no timings")
     parser.add_argument("--out", type=Path, help="JSON file to append rows to")
-    parser.add_argument("--dequant-buffer", action="store_true",
-                        help="4-bit: dequantize W once into a buffer, then the dense fused kernels")
+    parser.add_argument("--sweep", action="store_true", help="time the engine's alternatives (tuning rows)")
     args = parser.parse_args(argv)
-    rows = bench(args.smoke, args.dequant_buffer)
+    rows = sweep(args.smoke) if args.sweep else bench(args.smoke)
     for r in rows:
-        print({k: r[k] for k in ("op", "mode", "shape", "rank", "baseline", "ours_ms", "baseline_ms", "ratio",
-                                 "ceiling_pct")})
+        print({k: r.get(k) for k in ("op", "setting", "mode", "shape", "rank", "baseline", "ours_ms", "baseline_ms",
+                                     "ratio", "ceiling_pct", "error")})
     if args.out or not args.smoke:
         write_rows(rows, args.out or default_out(args.smoke))
     return rows

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from trilora.kernels.lora_qkv import Projection
+from trilora.kernels.lora import Projection
 from trilora.quant import dequantize_4bit, quantize_4bit
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

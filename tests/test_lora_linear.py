@@ -1,7 +1,9 @@
-"""Fused LoRA linear (`trilora.kernels.lora_linear`) against a float64 reference.
+"""Fused LoRA linear (`trilora.kernels.lora.linear`) against a float64 reference.
 
 Forward and every gradient (dX, dA, dB, dbias), dense and 4-bit (NF4/FP4, double quant on and
-off) bases, both backends; Triton runs through the interpreter on CPU (tests/conftest.py).
+off) bases, both backends, and every path of the GEMM engine (4-bit unpacked in the K-loop or
+dequantized into a buffer, pointer or TMA kernels, small and large tiles, split reductions);
+Triton runs through the interpreter on CPU (tests/conftest.py).
 Error metric: ‖out − ref‖ / ‖ref‖ against float64 from the same (rounded) inputs; fp32 must be
 ≤ 1e-5, fp16 ≤ 2 × torch's own fp16 error + FP16_ATOL.
 """
@@ -18,16 +20,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trilora.kernels.backend import HAS_TRITON
-from trilora.kernels.lora_linear import lora_dropout_mask, lora_linear, lora_linear_ref
+from trilora.kernels.lora import lora_dropout_mask, lora_linear, lora_linear_ref
 from trilora.quant import dequantize_4bit, quantize_4bit
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
 
-# the module (the package re-exports the function under the same name)
-ll = importlib.import_module("trilora.kernels.lora_linear")
+engine = importlib.import_module("trilora.kernels.lora.engine")
+configs = importlib.import_module("trilora.kernels.lora.configs")
+dropout = importlib.import_module("trilora.kernels.lora.dropout")
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 FP32_TOL = 1e-5
@@ -162,13 +161,27 @@ def test_large_ranks(r):
     check(make_case((19, 33), 20, r, torch.float32, True, seed=6), 0.1)
 
 
+def poison(*args, **kwargs):
+    """torch.empty's stand-in: NaN for floats, 0x5A for integer buffers (the keep bits)."""
+    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+    return torch.full(*args, float("nan") if dtype.is_floating_point else 0x5A, **kwargs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_4bit_tiles_equal_dequantize_4bit(dtype):
+@pytest.mark.parametrize("k,blocksize,quant_type,in_loop", [
+    (67, 32, "fp4", False),   # blocks straddle rows, odd element count: the dequantize buffer
+    (64, 32, "fp4", True),    # K-loop unpack, two blocks per 64-wide tile
+    (128, 128, "nf4", True),  # K-loop unpack, a block wider than the tile
+])
+def test_4bit_tiles_equal_dequantize_4bit(dtype, k, blocksize, quant_type, in_loop, monkeypatch):
     """x = I and B = 0 make y = Wᵀ and (with dY = I) dX = W exactly: the kernels' dequantized
-    tiles must be dequantize_4bit's numbers bit for bit, straddling blocks included."""
-    k, n = 67, 45
+    tiles must be dequantize_4bit's numbers bit for bit, on the path the shape takes."""
+    n = 45
+    calls = []
+    real = engine.BaseWeight.dequantized
+    monkeypatch.setattr(engine.BaseWeight, "dequantized", lambda self, dt: calls.append(1) or real(self, dt))
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)).to(DEV)
-    packed, state = quantize_4bit(w, "fp4", 32, double_quant=True, backend="torch")
+    packed, state = quantize_4bit(w, quant_type, blocksize, double_quant=True, backend="torch")
     expect = dequantize_4bit(packed, state, dtype, backend="torch")
     x = torch.eye(k, dtype=dtype, device=DEV)
     A = torch.randn(3, k, dtype=dtype, device=DEV)
@@ -179,19 +192,47 @@ def test_4bit_tiles_equal_dequantize_4bit(dtype):
     (dx,) = torch.autograd.grad(lora_linear(xx, packed, A, B, 2.0, quant_state=state, backend="triton"),
                                 xx, torch.eye(n, dtype=dtype, device=DEV))
     assert torch.equal(dx, expect)
+    assert bool(calls) != in_loop  # the buffer was used exactly where the in-loop unpack cannot run
 
 
 @pytest.mark.parametrize("quant", [None, ("nf4", True, 64)])
 def test_launchers_write_every_element(monkeypatch, quant):
-    """Launcher outputs are NaN-poisoned: any element a kernel forgets to write fails."""
-    monkeypatch.setattr(ll, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
-    check(make_case((37, 67), 45, 7, torch.float32, True, quant=quant, seed=8), 0.25)
+    """Launcher outputs are poisoned: any element a kernel forgets to write fails."""
+    monkeypatch.setattr(engine, "_empty", poison)
+    check(make_case((37, 64), 45, 7, torch.float32, True, quant=quant, seed=8), 0.25)
 
 
-def test_dequant_buffer_path(monkeypatch):
-    """The optional "dequantize W once into a buffer" path gives the same results."""
-    monkeypatch.setattr(ll, "DEQUANT_BUFFER_MIN_M", 1)
-    check(make_case((37, 67), 45, 7, torch.float32, True, quant=("fp4", True, 32), seed=9), 0.2)
+PATHS = {  # name → configs attributes to set; every path must give the reference's numbers
+    "buffer": dict(DEQUANT_BUFFER_MIN_M=0),
+    "tma": dict(arch_of=lambda device: 90),
+    "wide tiles": dict(FORCE_TILE=configs.WIDE),
+    "square tiles, tma": dict(FORCE_TILE=configs.SQUARE, arch_of=lambda device: 90),
+    "wide in-loop unpack": dict(FORCE_TILE=configs.WIDE),
+    "split reductions": dict(INTERPRETER_SMS=64, MIN_SPLIT_ROWS=16),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("quant", [None, ("nf4", True, 64), ("fp4", False, 32)])
+def test_engine_paths(path, quant, monkeypatch):
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(configs, name, value)
+    monkeypatch.setattr(engine, "_empty", poison)
+    check(make_case((2, 45, 128), 72, 5, torch.float32, True, quant=quant, seed=9), 0.2)
+
+
+def test_engine_paths_fp16_tma(monkeypatch):
+    monkeypatch.setattr(configs, "arch_of", lambda device: 90)
+    check(make_case((45, 64), 40, 16, torch.float16, True, seed=15), 0.1)
+
+
+def test_split_reductions_are_deterministic(monkeypatch):
+    """Split-M / split-K partials are summed in a fixed order: two runs are bitwise equal."""
+    monkeypatch.setattr(configs, "INTERPRETER_SMS", 64)
+    monkeypatch.setattr(configs, "MIN_SPLIT_ROWS", 16)
+    case = make_case((90, 96), 40, 6, torch.float32, True, seed=16)
+    first, second = run(case, 0.3), run(case, 0.3)
+    assert all(torch.equal(first[k], second[k]) for k in GRADS)
 
 
 def test_empty_batch():
@@ -239,55 +280,6 @@ def test_autocast_bf16():
                               scaling=1.5), dtype=torch.float64, weight=bf(case.weight))
     for name, got in (("y", y), ("dx", x.grad), ("dA", A.grad), ("dB", B.grad)):
         assert rel_err(got, ref[name]) < 2e-2, name
-
-
-# ----------------------------------------------------------------------------- dropout
-
-def test_dropout_mask_torch_equals_triton():
-    for seed in (0, 1, 2**31 - 2, 2**40 + 5):
-        assert torch.equal(lora_dropout_mask(seed, (2, 5, 33), 0.3, DEV, backend="torch"),
-                           lora_dropout_mask(seed, (2, 5, 33), 0.3, DEV, backend="triton"))
-
-
-if HAS_TRITON:
-    @triton.jit
-    def _rand_at(out_ptr, offs_ptr, seed, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs = tl.load(offs_ptr + i, mask=i < n, other=0)
-        tl.store(out_ptr + i, tl.rand(seed, offs), mask=i < n)
-
-
-def test_philox_replay_large_offsets():
-    """Offsets past 2**32 (huge M·in) use Philox's second counter word: replayed exactly."""
-    offs = torch.tensor([0, 1, 2**32 - 1, 2**32, 2**32 + 7, 3 * 2**40 + 11, 2**62], dtype=torch.int64, device=DEV)
-    out = torch.empty(offs.numel(), dtype=torch.float32, device=DEV)
-    _rand_at[(1,)](out, offs, 77, offs.numel(), BLOCK=8)
-    assert torch.equal(out, ll._philox_uniform(77, offs))
-
-
-def test_dropout_mask_statistics():
-    for p in (0.1, 0.5, 0.9):
-        # 30k draws (sd <= 0.003); under torch's 32k-element grain, so no thread-pool overhead
-        keep = lora_dropout_mask(5, (120, 250), p).float().mean().item()
-        assert abs(keep - (1 - p)) < 0.015, (p, keep)
-    a, b = lora_dropout_mask(5, (50, 50), 0.5), lora_dropout_mask(6, (50, 50), 0.5)
-    assert not torch.equal(a, b)
-
-
-def test_dropout_seed_semantics():
-    case = make_case((37, 67), 45, 7, torch.float32, True, seed=12)
-    args = (case.x, case.weight, case.lora_A, case.lora_B, 2.0, case.bias)
-    y1 = lora_linear(*args, 0.4, seed=99, backend="triton")
-    assert torch.equal(y1, lora_linear(*args, 0.4, seed=99, backend="triton"))       # same seed
-    assert not torch.equal(y1, lora_linear(*args, 0.4, seed=100, backend="triton"))  # other seed
-    assert rel_err(lora_linear(*args, 0.4, seed=99, backend="torch"), y1.double()) < FP32_TOL  # backends agree
-    no_drop = lora_linear_ref(*args).double()
-    assert rel_err(lora_linear(*args, 0.0, seed=99, backend="triton"), no_drop) < FP32_TOL   # p = 0
-    assert rel_err(lora_linear(*args, 0.4, backend="torch"), no_drop) > 1e-3  # no seed: F.dropout
-    torch.manual_seed(0)
-    y_a = lora_linear(*args, 0.4, backend="triton")  # seed from torch's generator
-    torch.manual_seed(0)
-    assert torch.equal(y_a, lora_linear(*args, 0.4, backend="triton"))
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -374,6 +366,19 @@ def test_bench_smoke(tmp_path):
         ("lora_linear", "dense_bf16"), ("lora_linear", "torch_lora_bf16"),
         ("qlora_linear", "dense_bf16"), ("qlora_linear", "dequant_cublas"), ("qlora_linear", "peft_bnb")}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+
+
+def test_bench_sweep_smoke(tmp_path):
+    """--sweep: one row per alternative (tiles, TMA off, NF4 buffer vs in-loop) and mode, no timings."""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, "bench/bench_lora_linear.py", "--smoke", "--sweep", "--out", str(out)],
+                   cwd=pathlib.Path(__file__).resolve().parents[1], check=True, capture_output=True,
+                   env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0"})
+    rows = json.loads(out.read_text())
+    assert all(r["op"] == "sweep" and r["ours_ms"] is None and "error" not in r for r in rows)
+    settings = {r["setting"] for r in rows if r["kernel"] == "qlora_linear"}
+    assert {"default", "tile=wide", "tile=unpack", "tma=off", "nf4=buffer", "nf4=in_loop"} <= settings
+    assert "tile=unpack" not in {r["setting"] for r in rows if r["kernel"] == "lora_linear"}
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the benchmark would run for real")

@@ -1,4 +1,4 @@
-"""LoRA MLP block (`trilora.kernels.lora_mlp`) against a float64 reference and HF's MLP modules.
+"""LoRA MLP block (`trilora.kernels.lora.mlp`) against a float64 reference and HF's MLP modules.
 
 `down(act(gate(x)) * up(x))` with hidden 48, intermediate 80, SwiGLU and GeGLU-tanh, dense
 and 4-bit bases, ranks 3/8 and adapter-less projections, bias, dropout on/off; outputs and
@@ -18,27 +18,25 @@ from transformers import GemmaConfig, LlamaConfig
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from trilora.kernels.lora_linear import lora_dropout_mask
-from trilora.kernels.lora_mlp import glu_backward_, glu_forward, glu_ref, lora_mlp, lora_mlp_ref
+from trilora.kernels.lora import lora_dropout_mask, lora_mlp, lora_mlp_ref
+from trilora.kernels.lora.mlp import glu_backward_, glu_forward, glu_ref
 from trilora.lora import LoraLinear
 from trilora.patch_modules import TriloraMLP
 
-lm = importlib.import_module("trilora.kernels.lora_mlp")
-lq = importlib.import_module("trilora.kernels.lora_qkv")
-ll = importlib.import_module("trilora.kernels.lora_linear")
+engine = importlib.import_module("trilora.kernels.lora.engine")
 HIDDEN, INTER = 48, 80
 
 
-def make_mlp(ranks=(3, 8, 3), dtype=torch.float32, bias=False, quant=None, seed=0):
-    shapes = ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))
+def make_mlp(ranks=(3, 8, 3), dtype=torch.float32, bias=False, quant=None, seed=0, hidden=HIDDEN, inter=INTER):
+    shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
     return [make_projection(n, k, r, dtype, bias, quant, seed + i)
             for i, ((n, k), r) in enumerate(zip(shapes, ranks))]
 
 
-def inputs(dtype, seed=0):
+def inputs(dtype, seed=0, hidden=HIDDEN):
     g = torch.Generator().manual_seed(200 + seed)
-    return (torch.randn(2, 7, HIDDEN, generator=g).to(DEV, dtype),
-            torch.randn(2, 7, HIDDEN, generator=g).to(DEV, dtype))
+    return (torch.randn(2, 7, hidden, generator=g).to(DEV, dtype),
+            torch.randn(2, 7, hidden, generator=g).to(DEV, dtype))
 
 
 def run(x, projs, dy, act, p, seed, backend="triton", dtype=None):
@@ -49,7 +47,7 @@ def run(x, projs, dy, act, p, seed, backend="triton", dtype=None):
         masks = None
         if p > 0:
             masks = (lora_dropout_mask(seed, x.shape, p, x.device),
-                     lora_dropout_mask(seed + 1, (*x.shape[:-1], INTER), p, x.device))
+                     lora_dropout_mask(seed + 1, (*x.shape[:-1], pl[0].out_features), p, x.device))
         y = lora_mlp_ref(xl, *pl, act=act, dropout_p=p, masks=masks)
     else:
         y = lora_mlp(xl, *pl, act=act, dropout_p=p, backend=backend, seed=seed)
@@ -94,11 +92,17 @@ def test_torch_backend_same_masks():
 
 
 def test_outputs_are_poisoned_then_written(monkeypatch):
-    nan = lambda *a, **kw: torch.full(*a, float("nan"), **kw)  # noqa: E731
-    for mod in (lm, lq, ll):
-        monkeypatch.setattr(mod, "_empty", nan)
+    from test_lora_linear import poison
+    monkeypatch.setattr(engine, "_empty", poison)
     x, dy = inputs(torch.float32, seed=2)
     check_all(x, make_mlp((3, 8, 3), bias=True, quant=("nf4", True, 32)), dy, "gelu_tanh", p=0.2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_in_loop_unpack(p):
+    """hidden 64, intermediate 96: every 4-bit base is unpacked inside the K-loops (no buffer)."""
+    x, dy = inputs(torch.float32, seed=3, hidden=64)
+    check_all(x, make_mlp((3, 8, 3), bias=True, quant=("nf4", True, 32), hidden=64, inter=96), dy, "silu", p)
 
 
 def _saved_numel(fn) -> int:
@@ -113,15 +117,19 @@ def _saved_numel(fn) -> int:
     return sum(sizes)
 
 
-def test_saves_only_x():
-    """The block keeps x for backward, not the [tokens, intermediate] activations HF keeps."""
+def test_saves_only_x_and_the_adapters_inputs():
+    """The block keeps x, the adapters' inputs t ([tokens, Σr]) and, with dropout, the keep bits
+    (1 bit per input element) for backward, not the [tokens, intermediate] activations HF keeps."""
     x, _ = inputs(torch.float32)
     x.requires_grad_()
+    tokens = x.shape[0] * x.shape[1]
     projs = [cast(p, torch.float32) for p in make_mlp((3, 8, 3))]
     ours = _saved_numel(lambda: lora_mlp(x, *projs, backend="triton"))
     hf = _saved_numel(lambda: lora_mlp(x, *projs, backend="torch"))
-    assert ours == x.numel()
-    assert hf >= 4 * x.shape[0] * x.shape[1] * INTER
+    assert ours == x.numel() + tokens * (3 + 8 + 3)
+    assert hf >= 4 * tokens * INTER
+    with_dropout = _saved_numel(lambda: lora_mlp(x, *projs, dropout_p=0.1, seed=1, backend="triton"))
+    assert with_dropout == ours + tokens * (-(-HIDDEN // 8) + -(-INTER // 8))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy's σ(-large) in the interpreter: 0, exact

@@ -1,4 +1,4 @@
-"""LoRA QKV block (`trilora.kernels.lora_qkv`) against a float64 reference and HF-style modules.
+"""LoRA QKV block (`trilora.kernels.lora.projections`) against a float64 reference and HF-style modules.
 
 q, k, v of one input (GQA sizes: 4 query heads, 2 key/value heads of dim 12, hidden 48),
 dense and 4-bit bases, ranks 3/8 and adapter-less projections, Qwen2's q/k/v bias, dropout
@@ -15,24 +15,24 @@ import torch.nn as nn
 from _blocks import FP32_TOL, check, rel_err
 from _lora_blocks import DEV, cast, grads_of, make_projection
 
-from trilora.kernels.lora_linear import lora_dropout_mask
-from trilora.kernels.lora_qkv import Projection, lora_projections, lora_projections_ref, lora_qkv
+from trilora.kernels.lora import Projection, lora_dropout_mask, lora_projections, lora_projections_ref, lora_qkv
 from trilora.lora import LoraLinear
 from trilora.patch_modules import projections_of
 
-lq = importlib.import_module("trilora.kernels.lora_qkv")
-ll = importlib.import_module("trilora.kernels.lora_linear")
+projections = importlib.import_module("trilora.kernels.lora.projections")
+engine = importlib.import_module("trilora.kernels.lora.engine")
+configs = importlib.import_module("trilora.kernels.lora.configs")
 HIDDEN, NQ, NKV = 48, 48, 24  # 4 query heads and 2 key/value heads of dim 12
 
 
-def make_qkv(ranks=(8, 0, 3), dtype=torch.float32, bias=False, quant=(None, None, None), seed=0):
-    return [make_projection(n, HIDDEN, r, dtype, bias, q, seed + i)
+def make_qkv(ranks=(8, 0, 3), dtype=torch.float32, bias=False, quant=(None, None, None), seed=0, hidden=HIDDEN):
+    return [make_projection(n, hidden, r, dtype, bias, q, seed + i)
             for i, (n, r, q) in enumerate(zip((NQ, NKV, NKV), ranks, quant))]
 
 
-def inputs(dtype, seed=0, shape=(2, 7)):
+def inputs(dtype, seed=0, shape=(2, 7), hidden=HIDDEN):
     g = torch.Generator().manual_seed(100 + seed)
-    x = torch.randn(*shape, HIDDEN, generator=g).to(DEV, dtype)
+    x = torch.randn(*shape, hidden, generator=g).to(DEV, dtype)
     dys = [torch.randn(*shape, n, generator=g).to(DEV, dtype) for n in (NQ, NKV, NKV)]
     return x, dys
 
@@ -89,22 +89,38 @@ def test_torch_backend_and_strided_input():
 
 
 def test_dx_is_one_launch(monkeypatch):
-    """The backward writes dX once for all three projections (one `_multi_dx` call)."""
+    """The backward writes dX once for all three projections (one GEMM over three segments)."""
     calls = []
-    real = lq._multi_dx
-    monkeypatch.setattr(lq, "_multi_dx", lambda dys, *a: calls.append(len(dys)) or real(dys, *a))
+    real = projections.gemm
+    monkeypatch.setattr(projections, "gemm", lambda out, segs, w_t, **kw: calls.append((w_t, len(segs))) or
+                        real(out, segs, w_t, **kw))
     x, dys = inputs(torch.float32)
     check_all(x, make_qkv((8, 0, 3), bias=True), dys)
-    assert calls == [3]
+    assert [n for w_t, n in calls if not w_t] == [3]
+
+
+@pytest.mark.parametrize("quant", [("nf4", True, 32), ("fp4", False, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_in_loop_unpack_of_three_segments(quant, p):
+    """hidden 64: the 4-bit bases are unpacked inside the K-loops of one dX GEMM (no buffer)."""
+    x, dys = inputs(torch.float32, seed=6, hidden=64)
+    check_all(x, make_qkv((8, 0, 3), bias=True, quant=(quant,) * 3, seed=2, hidden=64), dys, p)
 
 
 def test_outputs_are_poisoned_then_written(monkeypatch):
-    """Launcher outputs NaN-filled: an element a kernel forgets to write fails the comparison."""
-    nan = lambda *a, **kw: torch.full(*a, float("nan"), **kw)  # noqa: E731
-    monkeypatch.setattr(lq, "_empty", nan)
-    monkeypatch.setattr(ll, "_empty", nan)
-    x, dys = inputs(torch.float32, seed=2)
-    check_all(x, make_qkv((8, 0, 3), bias=True, quant=(("nf4", True, 32),) * 3), dys, p=0.2)
+    """Launcher outputs poisoned: an element a kernel forgets to write fails the comparison."""
+    from test_lora_linear import poison
+    monkeypatch.setattr(engine, "_empty", poison)
+    for hidden in (HIDDEN, 64):  # the buffer path and the in-loop unpack
+        x, dys = inputs(torch.float32, seed=2, hidden=hidden)
+        check_all(x, make_qkv((8, 0, 3), bias=True, quant=(("nf4", True, 32),) * 3, hidden=hidden), dys, p=0.2)
+
+
+def test_tma_and_wide_tiles(monkeypatch):
+    monkeypatch.setattr(configs, "arch_of", lambda device: 90)
+    monkeypatch.setattr(configs, "FORCE_TILE", configs.WIDE)
+    x, dys = inputs(torch.float32, seed=3, hidden=64)
+    check_all(x, make_qkv((8, 3, 3), bias=True, hidden=64), dys, p=0.2)
 
 
 def test_only_adapters_train_and_empty_batch():

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trilora.kernels.lora_mlp import lora_mlp
-from trilora.kernels.lora_qkv import Projection, lora_qkv
+from trilora.kernels.lora import lora_mlp
+from trilora.kernels.lora import Projection, lora_qkv
 from trilora.kernels.rope import apply_rotary_pos_emb
 from trilora.lora.layer import LoraLinear
 from trilora.quant import Linear4bit

@@ -7,9 +7,8 @@ from .codebooks import code_4bit, dynamic_map_signed
 from .cross_entropy import (FusedLinearCrossEntropyLoss, cross_entropy, cross_entropy_ref,
                             fused_linear_cross_entropy, fused_linear_cross_entropy_ref)
 from .dequantize_4bit import dequantize_4bit_ref, dequantize_4bit_triton
-from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_ref
-from .lora_mlp import lora_mlp, lora_mlp_ref
-from .lora_qkv import Projection, lora_projections, lora_projections_ref, lora_qkv
+from .lora import (Projection, lora_dropout_mask, lora_linear, lora_linear_ref, lora_mlp, lora_mlp_ref,
+                   lora_projections, lora_projections_ref, lora_qkv)
 from .quantize_blockwise import (quantize_4bit_ref, quantize_4bit_triton,
                                  quantize_8bit_blockwise_ref, quantize_8bit_blockwise_triton)
 from .rms_norm import RMSNorm, rms_norm, rms_norm_ref

@@ -63,3 +63,27 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(devices) > 1:
         where = ", ".join(f"{k} on {t.device}" for k, t in present.items())
         raise ValueError(f"tensors must be on one device, got {where}")
+
+
+def arch_of(device: torch.device) -> int:
+    """Compute capability ×10 of `device` (90 = H100/H200), or of the target Triton compiles for
+    when there is no CUDA device (a stand-in driver for compile-only reports); 0 under the
+    interpreter."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    if interpreter_active() or not HAS_TRITON:
+        return 0
+    try:
+        from triton.runtime import driver
+        return int(driver.active.get_current_target().arch)
+    except Exception:  # noqa: BLE001 - no driver at all: nothing will be compiled for a GPU
+        return 0
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`: 132 when compiling for a GPU without one (an H100),
+    4 under the interpreter (which runs programs one after another: few, large ones are fastest)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132 if arch_of(device) else 4

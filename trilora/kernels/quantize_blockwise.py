@@ -107,7 +107,8 @@ if HAS_TRITON:
 
         # 3. scale: reciprocal-multiply, division in a partial last block, both correctly
         # rounded (div_rn: GPU `/` is approximate). An all-zero block divides by 1, not by 0.
-        safe = tl.where(absmax > 0, tl.maximum(absmax, 1e-38), 1.0)
+        # (the bound as an fp32 tensor: triton 3.6 types a bare 1e-38 literal as fp64)
+        safe = tl.where(absmax > 0, tl.maximum(absmax, tl.full([], 1e-38, tl.float32)), 1.0)
         full = (rows + 1) * BLOCKSIZE <= n
         scaled = tl.where(full[:, None], x * tl.math.div_rn(1.0, safe)[:, None],
                           tl.math.div_rn(x, safe[:, None]))
@@ -148,6 +149,7 @@ def _launch_quantize(x, blocksize, mids, order, codes, offset, pack_4bit, remap)
         n, n_blocks,
         BLOCKSIZE=blocksize, ROWS=rows, LOG2_TABLE=mids.numel().bit_length() - 1,
         PACK_4BIT=pack_4bit, REMAP=remap, SUB_OFFSET=offset is not None,
+        num_warps=8,  # 8 elements per thread: 4 warps spilled on sm_80 under triton 3.6
     )
     return absmax
 

@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from .backend import check_same_device
+from ..backend import check_same_device
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,3 +111,22 @@ def check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p
     check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias,
                       absmax=None if qs is None else qs.absmax, code=None if qs is None else qs.code,
                       nested_absmax=None if qs is None else getattr(qs, "nested_absmax", None))
+
+
+def check_frozen(*weights: torch.Tensor) -> None:
+    """The fused ops compute no gradient for base weights: refuse one that asks for it."""
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        raise ValueError("the fused LoRA ops treat base weights as frozen and compute no gradient for them; "
+                         "set weight.requires_grad_(False) (or use backend='torch')")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype float inputs are cast to under torch.autocast on `device_type`, or None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def cast_floats(dtype: torch.dtype | None, *tensors):
+    """Each tensor cast to `dtype` if it is floating point (packed 4-bit bytes are not); None stays."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -4,15 +4,17 @@
 Why: HF's gated MLP with LoRA keeps, per layer, gate(x), up(x), act(gate(x)) and their
 product for backward (4 · M · I values, plus the adapters' intermediates): at Llama-3-8B
 shapes (M = 8192 tokens, I = 14336) that is 940 MB per layer in bf16, 30 GB over 32 layers.
-This block saves only x (M · H, 64 MB per layer there). The backward recomputes gate and up
+This block saves x (M · H, 64 MB per layer there), the adapters' inputs (M · Σr) and the
+dropout keep bits (M · (H + I) / 8). The backward recomputes gate and up
 (two GEMMs) and the activation, then runs the chain rule:
 
     forward:   [g | u] = x [Wg; Wu]ᵀ + LoRA   (two fused LoRA GEMMs into one [M, 2I] buffer)
                h = act(g) · u                 (GLU kernel below)
                y = h Wdᵀ + LoRA               (fused LoRA GEMM)
-    backward:  recompute [g | u] and h;  dh, dA_d, dB_d from `projections_backward` on down;
+    backward:  recompute [g | u] and h (the adapters' inputs t and the keep bits are kept from
+               the forward: tiny); dh, dA_d, dB_d from `projections_backward` on down;
                [dg | du] overwrite [g | u] in place (GLU backward kernel);
-               dX = dg Wg + du Wu + LoRA terms in ONE pass (`lora_qkv._multi_dx_kernel`).
+               dX = dg Wg + du Wu + LoRA terms in ONE GEMM (`projections_backward`).
 
 Trade-off: +2 GEMMs of M·H·I each per layer in backward, i.e. the MLP's GEMM work grows from
 6 to 8 units (+33%: the base weights are frozen, so the backward has 3 dX GEMMs and no dW
@@ -23,7 +25,7 @@ peak is [M, 2I] + 2·[M, I] for one layer at a time.
 Activations: "silu" (SwiGLU: Llama, Mistral, Qwen2) and "gelu_tanh" (GeGLU with the tanh
 approximation: Gemma's gelu_pytorch_tanh), fp32 math, one rounding per output. The tanh form
 is written with a sigmoid, 0.5·(1 + tanh(z)) = σ(2z), so no libdevice call is needed.
-Dropout: gate and up share one keep-mask over x (`lora_qkv`), down has its own over h (seed+1).
+Dropout: gate and up share one keep-mask over x (`projections.py`), down has its own over h (seed+1).
 
 Reading order: reference → GLU kernels → launchers → autograd Function → `lora_mlp`.
 """
@@ -32,10 +34,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, resolve_backend
-from .lora_linear import lora_dropout_mask
-from .lora_qkv import (Projection, autocast_projections, check_projection, projection_ref,
-                       projections_backward, projections_forward, resolve_seed)
+from ..backend import HAS_TRITON, resolve_backend
+from .checks import check_frozen
+from .dropout import lora_dropout_mask, resolve_seed
+from .engine import output
+from .projections import (Projection, Saved, autocast_projections, check_projection, empty_batch_grads,
+                          projection_ref, projections_backward, projections_forward, wants_grad)
 
 if HAS_TRITON:
     import triton
@@ -123,7 +127,6 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- launchers
 
-_empty = torch.empty  # every launcher output; tests swap in NaN-filled buffers
 
 
 def _glu_launch(kernel, n_rows: int, n_cols: int, *args, act: str) -> None:
@@ -134,7 +137,7 @@ def _glu_launch(kernel, n_rows: int, n_cols: int, *args, act: str) -> None:
 def glu_forward(gu: torch.Tensor, act: str) -> torch.Tensor:
     """Triton: h [M, I] = act(gu[:, :I]) · gu[:, I:] for gu [M, 2I] (unit column stride)."""
     m, n = gu.shape[0], gu.shape[1] // 2
-    h = _empty((m, n), dtype=gu.dtype, device=gu.device)
+    h = output((m, n), gu.dtype, gu.device)
     if h.numel():
         _glu_launch(_glu_fwd_kernel, m, n, gu, h, n, gu.stride(0), h.stride(0), act=act)
     return h
@@ -148,55 +151,64 @@ def glu_backward_(dh: torch.Tensor, gu: torch.Tensor, act: str) -> torch.Tensor:
     return gu
 
 
-def _gate_up(x: torch.Tensor, gate: Projection, up: Projection, p: float, seed: int) -> torch.Tensor:
+def _gate_up(x: torch.Tensor, gate: Projection, up: Projection, p: float, seed: int, save_bits: bool,
+             saved: Saved | None = None) -> tuple[torch.Tensor, Saved]:
     """[g | u] [M, 2I] = the gate and up projections of x [M, H], written side by side."""
     n = gate.out_features
-    gu = _empty((x.shape[0], 2 * n), dtype=x.dtype, device=x.device)
-    projections_forward(x, (gate, up), p, seed, (gu[:, :n], gu[:, n:]))
-    return gu
+    gu = output((x.shape[0], 2 * n), x.dtype, x.device)
+    return gu, projections_forward(x, (gate, up), p, seed, (gu[:, :n], gu[:, n:]), save_bits, saved)
 
 
 # ----------------------------------------------------------------------------- autograd
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """Saves x only (the adapters, also inputs, stay referenced on ctx); recomputes gate, up and
-    the activation in backward. apply(x, (gate, up, down), act, dropout_p, seed, *trainables)
-    with trainables = each projection's (lora_A, lora_B, bias)."""
+    """Saves x, the adapters' inputs and the keep bits (the adapters, also inputs, stay
+    referenced on ctx); recomputes gate, up and the activation in backward.
+    apply(x, (gate, up, down), act, dropout_p, seed, save_bits, *trainables) with trainables =
+    each projection's (lora_A, lora_B, bias)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, projs, act, dropout_p, seed, *trainables):
+    def forward(ctx, x, projs, act, dropout_p, seed, save_bits, *trainables):
         gate, up, down = projs
         x2d = x.reshape(-1, x.shape[-1])                     # [M, H]
-        h = glu_forward(_gate_up(x2d, gate, up, dropout_p, seed), act)  # [M, I]; [g | u] freed
-        y = _empty((x2d.shape[0], down.out_features), dtype=x.dtype, device=x.device)
-        projections_forward(h, (down,), dropout_p, seed + 1, (y,))
-        ctx.save_for_backward(x2d)
-        ctx.projs, ctx.act, ctx.dropout_p, ctx.seed, ctx.x_shape = projs, act, dropout_p, seed, x.shape
+        y = output((x2d.shape[0], down.out_features), x.dtype, x.device)
+        saved_x = saved_h = Saved(None, None)
+        if x2d.shape[0]:
+            gu, saved_x = _gate_up(x2d, gate, up, dropout_p, seed, save_bits)
+            h = glu_forward(gu, act)                          # [M, I]; [g | u] freed
+            del gu
+            saved_h = projections_forward(h, (down,), dropout_p, seed + 1, (y,), save_bits)
+        ctx.save_for_backward(x2d, saved_x.t, saved_x.bits, saved_h.t, saved_h.bits)
+        ctx.projs, ctx.act, ctx.dropout_p, ctx.x_shape = projs, act, dropout_p, x.shape
         return y.view(*x.shape[:-1], y.shape[1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        (x2d,) = ctx.saved_tensors
+        x2d, t_x, bits_x, t_h, bits_h = ctx.saved_tensors
         gate, up, down = ctx.projs
-        p, seed, need = ctx.dropout_p, ctx.seed, ctx.needs_input_grad
-        needs = [tuple(need[5 + 3 * i + j] for j in range(3)) for i in range(3)]
+        p, need = ctx.dropout_p, ctx.needs_input_grad
+        needs = [tuple(need[6 + 3 * i + j] for j in range(3)) for i in range(3)]
+        if x2d.shape[0] == 0:
+            dx, grads = empty_batch_grads(x2d, ctx.projs, need[0], needs)
+            return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None, None,
+                    *[g for triple in grads for g in triple])
         dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)     # [M, H_out]
-        # 1. recompute [g | u] and h
-        gu = _gate_up(x2d, gate, up, p, seed)                 # [M, 2I]
+        # 1. recompute [g | u] (with the forward's t) and h
+        gu, saved_x = _gate_up(x2d, gate, up, p, 0, False, Saved(t_x, bits_x))  # [M, 2I]
         h = glu_forward(gu, ctx.act)                          # [M, I]
         # 2. down: dh, and its adapter's gradients
-        dh, (down_grads,) = projections_backward([dy], h, (down,), p, seed + 1, True, needs[2:])
+        dh, (down_grads,) = projections_backward([dy], h, (down,), p, Saved(t_h, bits_h), True, needs[2:])
         del h
         # 3. [g | u] ← [dg | du], in place
         dgu = glu_backward_(dh, gu, ctx.act)
         del dh
         # 4. gate and up: dX in one pass, and their adapters' gradients
         n = gate.out_features
-        dx, (gate_grads, up_grads) = projections_backward([dgu[:, :n], dgu[:, n:]], x2d, (gate, up), p, seed,
+        dx, (gate_grads, up_grads) = projections_backward([dgu[:, :n], dgu[:, n:]], x2d, (gate, up), p, saved_x,
                                                           need[0], needs[:2])
-        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None,
+        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None, None,
                 *gate_grads, *up_grads, *down_grads)
 
 
@@ -215,8 +227,8 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
             one over h for down.
         backend: "auto" (Triton on CUDA or under the interpreter), "triton" or "torch" (the
             reference, which keeps HF's activations for backward).
-        seed: dropout seed (masks: `lora_dropout_mask(seed, x.shape, p)` and `(seed + 1, h.shape, p)`);
-            None: drawn from torch's default generator.
+        seed: dropout seed in [0, 2**62) (masks: `lora_dropout_mask(seed, x.shape, p)` and
+            `(seed + 1, h.shape, p)`); None: drawn from torch's default generator.
     Under torch.autocast the float inputs are cast to the autocast dtype first.
     Returns [..., H_out] in x's (compute) dtype. The base weights get no gradient.
     """
@@ -238,8 +250,7 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
             masks = (lora_dropout_mask(seed, x.shape, dropout_p, x.device),
                      lora_dropout_mask(seed + 1, (*x.shape[:-1], gate.out_features), dropout_p, x.device))
         return lora_mlp_ref(x, gate, up, down, act, dropout_p, masks)
-    if torch.is_grad_enabled() and any(p.weight.requires_grad for p in projs):
-        raise ValueError("the LoRA blocks treat base weights as frozen and compute no gradient for them; "
-                         "set weight.requires_grad_(False) (or use backend='torch')")
+    check_frozen(*(p.weight for p in projs))
     trainables = [t for p in projs for t in p.trainables()]
-    return LoRAMLPFunction.apply(x, projs, act, float(dropout_p), seed, *trainables)
+    return LoRAMLPFunction.apply(x, projs, act, float(dropout_p), seed, dropout_p > 0 and wants_grad(x, projs),
+                                 *trainables)

@@ -1,0 +1,157 @@
+"""LoRA linear: `y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ` over a dense or 4-bit base weight.
+
+Why fused: an unfused LoRA layer writes the base output x Wᵀ, reads it back to add the
+low-rank term, and (for QLoRA) first materialises a dequantized copy of W. Here (M = tokens,
+`engine.py` for the kernels and the path each shape takes):
+
+    forward:   t, keep = lowrank(x, A, s/(1-p))        [M, r]; the dropout mask drawn once, kept as bits
+               y = [x, t] · [W; B]ᵀ + b                 one GEMM, the low-rank term one more K-segment
+    backward:  u = s · dY B                             [M, r]
+               dX = dY W + keep ⊙ (u A)/(1-p)           one GEMM, one accumulator
+               dA = (x ⊙ keep)ᵀ u / (1-p)               split over M so every SM has work
+               dB = dYᵀ t                               t kept from the forward (r columns)
+
+The base weight is frozen (no gradient). Saved for backward: x, t, the keep bits (M·in/8
+bytes) and the adapter; nothing of size M·out.
+
+Reading order: reference → autograd Function → `lora_linear`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import resolve_backend
+from ..dequantize_4bit import dequantize_4bit_ref, restore_absmax_ref
+from .checks import autocast_dtype, cast_floats, check_frozen, check_lora_linear_inputs
+from .dropout import check_seed, lora_dropout_mask, resolve_seed
+from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
+
+# ----------------------------------------------------------------------------- reference
+
+
+def dequantize_base_ref(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [out, in] base weight in `dtype` from packed 4-bit bytes and a QuantState-like object."""
+    absmax = quant_state.absmax
+    if quant_state.nested_absmax is not None:
+        absmax = restore_absmax_ref(absmax, quant_state.nested_absmax, quant_state.nested_code,
+                                    quant_state.offset, quant_state.nested_blocksize)
+    n = 1
+    for d in quant_state.shape:
+        n *= d
+    flat = dequantize_4bit_ref(weight, absmax, quant_state.code.float(), quant_state.blocksize, n, dtype)
+    return flat.view(tuple(quant_state.shape))
+
+
+def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                    quant_state=None, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch LoRA linear (autograd through torch ops).
+
+    `dropout_mask` (bool, x's shape, True = keep) replaces F.dropout's own random mask, so the
+    reference can reproduce the kernels' mask (`lora_dropout_mask`).
+    """
+    if quant_state is not None:
+        weight = dequantize_base_ref(weight, quant_state, x.dtype)
+    if dropout_mask is not None:
+        lora_in = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    else:
+        lora_in = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    return F.linear(x, weight, bias) + F.linear(F.linear(lora_in, lora_A), lora_B) * scaling
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _empty_grads(x, lora_A, lora_B, n, needs):
+    """Zero gradients of the right shapes for an empty batch (dX, dA, dB, dbias)."""
+    z = lambda shape, like, need: torch.zeros(shape, dtype=like.dtype, device=like.device) if need else None  # noqa: E731
+    return (z(x.shape, x, needs[0]), z(lora_A.shape, lora_A, needs[1]), z(lora_B.shape, lora_B, needs[2]),
+            z((n,), x, needs[3]))
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Triton forward/backward of `lora_linear`. Saves x, A, B, t and the keep bits.
+
+    apply(x, base: BaseWeight, lora_A, lora_B, bias, scaling, dropout_p, seed, save_bits).
+    Under autocast the inputs arrive already cast (see `lora_linear`); custom_fwd/custom_bwd
+    run the backward under the forward's autocast state.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, base, lora_A, lora_B, bias, scaling, dropout_p, seed, save_bits):
+        x2d = x.reshape(-1, x.shape[-1])  # [M, in], a view unless x's strides forbid it
+        n = lora_B.shape[0]
+        t, bits = lowrank(x2d, lora_A, scaling / (1.0 - dropout_p), seed, dropout_p, write_bits=save_bits)
+        y = gemm(output((x2d.shape[0], n), x.dtype, x.device), [(x2d, base)], True,
+                 lowrank=(t, lora_B.t()), bias=bias)
+        ctx.save_for_backward(x2d, lora_A, lora_B, t, bits)
+        ctx.base, ctx.x_shape, ctx.scaling, ctx.dropout_p = base, x.shape, scaling, dropout_p
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x2d, lora_A, lora_B, t, bits = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)  # [M, out]; any strides (sum().backward() gives stride 0)
+        need = ctx.needs_input_grad
+        needs = (need[0], need[2], need[3], need[4] and ctx.bias_dtype is not None)
+        inv_keep = 1.0 / (1.0 - ctx.dropout_p)
+        if x2d.shape[0] == 0:
+            dx, da, dlb, dbias = _empty_grads(x2d, lora_A, lora_B, lora_B.shape[0], needs)
+        else:
+            dx = da = dlb = dbias = None
+            if needs[0] or needs[1]:
+                u, _ = lowrank(dy, lora_B.t(), ctx.scaling)                        # [M, r]
+            if needs[0]:
+                dx = gemm(output(x2d.shape, x2d.dtype, x2d.device), [(dy, ctx.base)], False, lowrank=(u, lora_A),
+                          keep_bits=bits, inv_keep=inv_keep)
+            if needs[1]:
+                da = matmul_tn(x2d, u, inv_keep, lora_A.dtype, keep_bits=bits, transpose=True)  # [r, in]
+            if needs[2]:
+                dlb = matmul_tn(dy, t, 1.0, lora_B.dtype)                          # [out, r]
+            if needs[3]:
+                dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return (None if dx is None else dx.view(ctx.x_shape), None, da, dlb, dbias, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- public
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                quant_state=None, backend: str = "auto", seed: int | None = None) -> torch.Tensor:
+    """LoRA linear `x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ`, autograd-aware.
+
+    Args:
+        x: [..., in], fp32/fp16/bf16, any strides.
+        weight: dense [out, in] in x's dtype, or packed 4-bit uint8 [(out*in+1)//2, 1] with
+            `quant_state` (QuantState-like: absmax, code, blocksize, shape, nested_*, offset);
+            dequantized to x's dtype. Frozen: it gets no gradient.
+        lora_A: [r, in], lora_B: [out, r], bias: [out] or None; all in x's dtype.
+        scaling: the LoRA scale (alpha / r).
+        dropout_p: dropout probability in [0, 1) on the LoRA branch's input (always applied).
+        backend: "auto" (Triton on CUDA or under the interpreter), "triton" or "torch".
+        seed: dropout seed in [0, 2**62). Given, both backends derive the same mask from it
+            (`lora_dropout_mask`); None: the Triton path draws one from torch's default
+            generator, the torch path uses F.dropout.
+
+    Under torch.autocast the float inputs are cast to the autocast dtype first.
+    Returns [..., out] in x's (compute) dtype.
+    """
+    if isinstance(x, torch.Tensor):
+        cast_to = autocast_dtype(x.device.type)
+        x, lora_A, lora_B, bias = cast_floats(cast_to, x, lora_A, lora_B, bias)
+        if quant_state is None:
+            (weight,) = cast_floats(cast_to, weight)
+    check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, quant_state)
+    use = resolve_backend(backend, x)
+    check_seed(seed)
+    if use == "torch":  # with an explicit seed, the kernels' mask (replayed); else F.dropout's
+        mask = lora_dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 and seed is not None else None
+        return lora_linear_ref(x, weight, lora_A, lora_B, float(scaling), bias, dropout_p, quant_state, mask)
+    seed = resolve_seed(dropout_p, seed)
+    check_frozen(weight)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias))
+    return LoRALinearFunction.apply(x, BaseWeight.of(weight, quant_state), lora_A, lora_B, bias, float(scaling),
+                                    float(dropout_p), seed, grads and dropout_p > 0)
