@@ -187,10 +187,10 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch):
     assert not (out / "checkpoints" / "step-8").exists()  # no checkpoint of a stopped run's last step
 
 
-def test_fresh_run_replaces_old_metrics(tmp_path):
+def test_overwriting_run_replaces_old_metrics(tmp_path):
     data = demo_data(tmp_path, n=80)
     out = tmp_path / "out"
-    for steps in (6, 3):
-        code, _, err = run_cli(fast_args(out, data, steps=steps))
+    for steps, overwrite in ((6, None), (3, True)):
+        code, _, err = run_cli(fast_args(out, data, steps=steps, overwrite=overwrite))
         assert code == 0, err[-2000:]
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]

@@ -50,21 +50,46 @@ def _eval(args) -> int:
     result = evaluate_split(model, tokenizer, records, config, device, autocast, label_set(records) or None)
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        from .trainer.outputs import write_text
+        write_text(Path(args.output), text + "\n")  # complete, or the previous report kept
     print(text)
     return 0
+
+
+def check_merge_output(output: Path, sources: dict[str, Path], overwrite: bool) -> None:
+    """Refuse an output that is, contains or sits inside a source, a file, or (without
+    --overwrite) a directory with something in it."""
+    out = output.resolve()
+    for flag, source in sources.items():
+        src = Path(source).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            relation = "is" if out == src else "sits inside" if src in out.parents else "contains"
+            raise ValueError(f"--output {output} {relation} the {flag} {source}: choose a directory of its own")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"--output {output} is not empty: pass --overwrite to replace it")
 
 
 def _merge(args) -> int:
     from .lora import load_adapter, save_merged
     from .trainer.loading import load_model
+    from .trainer.outputs import write_dir
 
+    output = Path(args.output)
+    check_merge_output(output, {"--model": Path(args.model), "--adapter": Path(args.adapter)}, args.overwrite)
     model = load_model(args.model, quantize=None, backend=args.kernel_backend)
     load_adapter(model, args.adapter, backend=args.kernel_backend)
-    save_merged(model, args.output, in_place=True)
+    tokenizer = None
     if (Path(args.model) / "tokenizer.json").exists() or (Path(args.model) / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.output)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+
+    def write(path: Path) -> None:
+        save_merged(model, path, in_place=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    write_dir(write, output)  # a temporary sibling renamed into place: complete or absent
     print(f"merged model written to {args.output}")
     return 0
 
@@ -112,9 +137,15 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .trainer.config import add_arguments
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
     parser = argparse.ArgumentParser(prog="trilora", description="Fast, exact LoRA / QLoRA fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="fine-tune (with no --model/--data: the embedded CPU demo)",
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)  # --debug on every command
+
+    p = command("train", help="fine-tune (with no --model/--data: the embedded CPU demo)",
                        description="Fine-tune a model: full, LoRA or QLoRA. Settings come from "
                                    "--config (YAML) and are overridden by flags.")
     add_arguments(p)
@@ -130,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="load the base in 4 bits")
         backend_arg(p)
 
-    p = sub.add_parser("eval", help="test-set loss, perplexity, exact match or classification metrics")
+    p = command("eval", help="test-set loss, perplexity, exact match or classification metrics")
     inference_args(p)
     p.add_argument("--data", required=True, help="test file (JSONL/CSV)")
     p.add_argument("--format", default="auto", help="record format (default: detected)")
@@ -141,20 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the JSON report here too")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("merge", help="fold an adapter into its base and save an HF model directory")
+    p = command("merge", help="fold an adapter into its base and save an HF model directory")
     p.add_argument("--model", required=True, help="base model directory")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    p.add_argument("--output", required=True, help="directory for the merged model")
+    p.add_argument("--output", required=True, help="directory for the merged model (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     backend_arg(p)
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("generate", help="prompts in (--prompt or stdin lines), completions out")
+    p = command("generate", help="prompts in (--prompt or stdin lines), completions out")
     inference_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("bench", help="run the benchmark suite (GPU; --smoke checks the harness on CPU)",
+    p = command("bench", help="run the benchmark suite (GPU; --smoke checks the harness on CPU)",
                        description="Runs the scripts in the source checkout's bench/ folder and appends "
                                    "their JSON rows to --out (default bench/results/<device>-<date>.json).")
     p.add_argument("parts", nargs="*", default=[], type=_bench_part,
@@ -166,12 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Every failure is one line naming the problem (and a non-zero exit); --debug adds the traceback."""
     args = build_parser().parse_args(argv)
+    from .trainer.loop import TrainingStopped
+
     try:
         return args.func(args)
-    except (ValueError, OSError, TypeError) as err:  # OSError: missing / unreadable files
+    except TrainingStopped as stop:
+        print(f"trilora {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"trilora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, TypeError) as err:  # bad input; OSError: missing / unreadable files
+        if args.debug:
+            raise
         print(f"trilora {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - anything else is still one line unless --debug
+        if args.debug:
+            raise
+        print(f"trilora {args.command}: error: {type(err).__name__}: {err} (--debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -122,6 +122,10 @@ def save_merged(model: nn.Module, path: str | os.PathLike, in_place: bool = Fals
         merge_lora(merged)  # else: merged already (merge_lora, then save_merged) — just save
     for name, module in [(n, m) for n, m in merged.named_modules() if isinstance(m, Linear4bit)]:
         replace_module(merged, name, _dense_from_4bit(module, None, backend))
+    for name, tensor in merged.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"the merged weight {name} holds NaN/Inf values (from the base or the adapter): "
+                             "refusing to save a broken model")
     path = os.fspath(path)
     merged.save_pretrained(path)
     if not os.path.isfile(os.path.join(path, "model.safetensors")) and \

@@ -17,9 +17,9 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import open_safetensors
 from .config import LoraConfig
 from .inject import add_lora, get_lora_config, lora_layers, resolve_config, resolve_targets
 from .layer import TrainableCopy, linear_dims
@@ -97,12 +97,15 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
         raise ValueError(f"{config_file} is not valid JSON: {err}") from None
     config = LoraConfig.from_peft_dict(data)
     tensors = {}
-    with safe_open(weights_file, framework="pt", device="cpu") as f:
+    with open_safetensors(weights_file) as f:
         for key in f.keys():
             if not key.startswith(PREFIX):
                 raise ValueError(f"{weights_file} key {key!r} lacks PEFT's {PREFIX!r} prefix: not a PEFT LoRA "
                                  "adapter for a whole model")
-            tensors[key[len(PREFIX):]] = f.get_tensor(key)
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{weights_file}: {key} holds NaN/Inf values: refusing to load a broken adapter")
+            tensors[key[len(PREFIX):]] = tensor
     return config, tensors
 
 

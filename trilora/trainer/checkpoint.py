@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .outputs import fsync_dir
+
 MANIFEST = "manifest.json"
 
 
@@ -110,27 +112,28 @@ def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer, sched
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)  # the rename itself on disk too
+    fsync_dir(root)  # the rename itself on disk too
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `step-N` checkpoint (temp dirs of interrupted writes are ignored)."""
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The `step-N` checkpoints, oldest first (temp dirs of interrupted writes are ignored)."""
     root = Path(output_dir) / "checkpoints"
     steps = [(int(p.name.split("-", 1)[1]), p) for p in root.glob("step-*")
              if p.is_dir() and p.name.split("-", 1)[1].isdigit()] if root.exists() else []
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `step-N` checkpoint, or None."""
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (the best weights live apart, in best/)."""
+    for path in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path)
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -142,6 +145,10 @@ def verify_checkpoint(path: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{manifest_path} is corrupt: {err}") from None
+    if not isinstance(manifest, dict) or not all(
+            isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
+            for f in manifest.values()):
+        raise CheckpointError(f"{manifest_path} is malformed: expected {{file: {{bytes, sha256}}}}")
     for name, facts in manifest.items():
         file = Path(path) / name
         if not file.exists():

@@ -74,7 +74,11 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(32, "generation length for exact-match evaluation")
     log_every: int = _f(1, "write metrics every N steps")
     seed: int = _f(0, "seed of data order, initialisation and dropout")
-    resume: bool = _f(False, "continue from the newest complete checkpoint in --output-dir")
+    resume: bool = _f(False, "continue the unfinished run in --output-dir from its newest complete checkpoint")
+    overwrite: bool = _f(False, "replace the results of another run in --output-dir (they are kept otherwise)")
+    keep_checkpoints: int = _f(3, "checkpoints kept on disk (the newest; the best weights are kept apart in best/)")
+    max_skipped_steps: int = _f(0, "steps whose loss or gradients are NaN/Inf that may be skipped before the "
+                                   "run stops with an error (0: stop at the first)")
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     kernel_backend: str = _f("auto", "LoRA / 4-bit kernels: auto (Triton where it runs, else PyTorch), "
                                      "triton, or torch")
@@ -88,17 +92,19 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "r", "log_every", "eval_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every", "patience", "warmup_steps"):
+        for name in ("max_steps", "eval_every", "save_every", "patience", "warmup_steps", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "alpha"):
             if not getattr(self, name) > 0 or math.isinf(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ("weight_decay", "max_grad_norm"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps == 0 and not self.epochs > 0:
-            raise ValueError(f"epochs must be positive when max_steps is 0, got {self.epochs}")
+            if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.max_steps == 0 and (not self.epochs > 0 or math.isinf(self.epochs)):
+            raise ValueError(f"epochs must be a finite positive number when max_steps is 0, got {self.epochs}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.scheduler not in ("cosine", "linear", "constant"):

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from accelerate import init_empty_weights
-from safetensors import safe_open
 
+from ..files import open_safetensors
 from ..modules import name_matches, replace_module
 from ..quant import Linear4bit
 
@@ -62,16 +62,33 @@ def _quant_settings(config, quantize, double_quant, skip):
     return qc.get("bnb_4bit_quant_type", "nf4"), qc.get("bnb_4bit_use_double_quant", False), skip, True
 
 
-def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+def _finite(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """`tensor`, unless it is floating point and holds NaN/Inf (ValueError naming it)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{where} holds NaN/Inf values: refusing to load a broken checkpoint")
+    return tensor
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, where: str) -> None:
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    old = module._parameters.get(leaf, module._buffers.get(leaf))
+    if old is not None and tuple(old.shape) != tuple(value.shape):
+        raise ValueError(f"{where}: tensor {key!r} has shape {list(value.shape)} but the model built from "
+                         f"config.json expects {list(old.shape)}: do the checkpoint and its config.json match?")
     if leaf in module._parameters:
-        old = module._parameters[leaf]
         module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
     elif leaf in module._buffers:
         module._buffers[leaf] = value
     else:
         raise KeyError(key)
+
+
+def _expect_shape(linear: nn.Module, weight: torch.Tensor, where: str) -> None:
+    want = (linear.out_features, linear.in_features)
+    if tuple(weight.shape) != want:
+        raise ValueError(f"{where} has shape {list(weight.shape)} but the model built from config.json expects "
+                         f"{list(want)}: do the checkpoint and its config.json match?")
 
 
 def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtype | None = None,
@@ -113,27 +130,34 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
     pending: dict[str, dict[str, torch.Tensor]] = {}  # pre-quantized layers being gathered
     unused = []
     for shard in shards:
-        with safe_open(shard, framework="pt", device="cpu") as f:
+        with open_safetensors(shard) as f:
             for key in f.keys():
                 owner = _owner(key)
+                where = f"{shard.name}: {key}"
                 if owner in targets and prequantized:
-                    pending.setdefault(owner, {})[key[len(owner) + 1:]] = f.get_tensor(key).to(device)
+                    pending.setdefault(owner, {})[key[len(owner) + 1:]] = _finite(f.get_tensor(key), where).to(device)
                 elif owner in targets and key == owner + ".weight":  # quantize as it is read
-                    weight = f.get_tensor(key).to(device, dtype)
+                    weight = _finite(f.get_tensor(key), where).to(device, dtype)
+                    _expect_shape(model.get_submodule(owner), weight, where)
                     bias = model.get_submodule(owner).bias
                     replace_module(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant,
                                                                  backend=backend))
                     del weight  # the dense copy dies here: one linear weight at a time
                 elif key in names:
-                    tensor = f.get_tensor(key).to(device)
-                    _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                    tensor = _finite(f.get_tensor(key), where).to(device)
+                    _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor, where)
                 else:
                     unused.append(key)
         for owner in [o for o, entries in pending.items() if _complete(entries)]:
             entries = pending.pop(owner)
             if "bias" in entries:
                 entries["bias"] = entries["bias"].to(dtype)
-            replace_module(model, owner, Linear4bit.from_state_dict(entries, backend=backend))
+            layer = Linear4bit.from_state_dict(entries, backend=backend)
+            offset = layer.quant_state.offset
+            if offset is not None and not torch.isfinite(torch.as_tensor(offset)).all():
+                raise ValueError(f"{path}: {owner}: the 4-bit quant state's nested_offset is {float(offset)}: "
+                                 "refusing to load a broken checkpoint")
+            replace_module(model, owner, layer)
     if pending:
         raise ValueError(f"{path}: incomplete 4-bit entries for {sorted(pending)[:5]}")
     if getattr(config, "tie_word_embeddings", False):

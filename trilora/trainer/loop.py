@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,10 +20,24 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
+from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                          verify_checkpoint)
 from .config import TrainConfig
 from .evaluate import evaluate_loss
+from .outputs import write_dir
+
+
+class TrainingStopped(Exception):
+    """SIGINT/SIGTERM: the run finished its step, wrote a checkpoint and stopped."""
+
+    def __init__(self, step: int, checkpoint: Path, signum: int):
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; its state is in "
+                         f"{checkpoint}: run the same command with --resume to continue")
+
+
+class NonFiniteError(ValueError):
+    """A NaN/Inf loss, gradient or weight: the run stops instead of writing a broken result."""
 
 
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -61,11 +75,12 @@ class Trainer:
 
     def __init__(self, model, config: TrainConfig, train_batches, val_batches, device: torch.device,
                  write_weights: Callable[[Path], None], read_weights: Callable[[Path], None],
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, data_fingerprint: str | None = None):
         self.model, self.config, self.device = model, config, device
         self.train_batches, self.val_batches = train_batches, val_batches
         self.write_weights, self.read_weights = write_weights, read_weights
         self.autocast_dtype = autocast_dtype
+        self.data_fingerprint = data_fingerprint
         self.out = Path(config.output_dir)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -79,7 +94,9 @@ class Trainer:
         self.step = 0
         self.best = {"val_loss": math.inf, "step": 0}
         self.bad_evals = 0
+        self.skipped_steps = 0
         self.history: list[dict] = []
+        self.stop_signal = 0
 
     # -------------------------------------------------------------------------- helpers
 
@@ -95,7 +112,8 @@ class Trainer:
 
     def _trainer_state(self) -> dict:
         return {"data": self.train_batches.state_dict(), "best": self.best, "bad_evals": self.bad_evals,
-                "config": self.config.to_dict(), "total_steps": self.total_steps}
+                "config": self.config.to_dict(), "total_steps": self.total_steps,
+                "data_fingerprint": self.data_fingerprint, "skipped_steps": self.skipped_steps}
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in the output dir; False when there is none."""
@@ -103,6 +121,11 @@ class Trainer:
         if path is None:
             return False
         state = load_checkpoint(path, self.optimizer, self.scheduler)
+        saved_data = state.get("data_fingerprint")
+        if saved_data is not None and self.data_fingerprint is not None and saved_data != self.data_fingerprint:
+            raise CheckpointError(f"cannot resume from {path}: the training examples differ from those the run "
+                                  "started with (a data file changed?); restore them, or start a new run")
+        self.skipped_steps = state.get("skipped_steps", 0)
         if state.get("total_steps") not in (None, self.total_steps):
             # allowed (train longer or shorter), but the lr schedule's shape changes: say so
             warnings.warn(f"resuming a run planned for {state['total_steps']} steps as one of "
@@ -112,8 +135,7 @@ class Trainer:
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         history = self.out / "metrics.jsonl"
         if history.exists():  # drop records written after the checkpoint by the killed run
-            kept = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-            kept = [r for r in kept if r.get("step", 0) <= self.step]
+            kept = [r for r in read_metrics(history) if r.get("step", 0) <= self.step]
             self.history = kept
             if self.rank == 0:
                 history.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -132,79 +154,132 @@ class Trainer:
         stream = self._micro_batches()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train")
         stopped_early = False
-        while self.step < self.total_steps:
-            start, tokens = time.perf_counter(), 0
-            # every rank draws the step's world * grad_accum micro-batches and keeps its share,
-            # so the data position is the same on all ranks and in 1-process runs
-            drawn = [next(stream) for _ in range(cfg.grad_accum * self.world)]
-            mine = [b for i, b in enumerate(drawn) if i % self.world == self.rank]
-            # token-weighted: the step's loss is the mean over all of its trained tokens, so
-            # batch 8 x accum 1 and batch 4 x accum 2 (or 2 ranks) give the same gradient;
-            # the factor `world` undoes DDP's averaging of the ranks' gradients
-            step_tokens = max(1, sum(_trained_tokens(b) for b in drawn))
-            step_loss = torch.zeros((), device=self.device)
-            for i, batch in enumerate(mine):
-                weight = _trained_tokens(batch) * self.world / step_tokens
-                tokens += _input_tokens(batch)  # counted on the host copy: no device sync
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
-                ctx = model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                         enabled=self.autocast_dtype is not None):
-                    loss = model(**batch).loss * weight
-                    loss.backward()
-                step_loss += loss.detach()
-            loss_sum = step_loss.item()  # one device sync per step, not per micro-batch
-            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            if self.world > 1:
-                stats = torch.tensor([loss_sum, tokens], device=self.device, dtype=torch.float64)
-                dist.all_reduce(stats)
-                loss_sum, tokens = stats[0].item() / self.world, int(stats[1].item())
-            elapsed = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                self._log(record)
-            at_end = self.step == self.total_steps
-            if self.val_batches and ((cfg.eval_every and self.step % cfg.eval_every == 0) or at_end):
-                stopped_early = self._validate_and_keep_best()
-            if cfg.save_every and (self.step % cfg.save_every == 0) and not at_end and not stopped_early:
-                self._save()
-            if stopped_early:
-                break
-        bar.close()
+        try:
+            with _stop_signals(self):
+                while self.step < self.total_steps:
+                    stopped_early = self._one_step(stream, bar)
+                    if stopped_early:
+                        break
+        finally:
+            bar.close()  # before any error message, not after it
         if self.world > 1:
             dist.barrier()  # rank 0 may still be writing <out>/best, which every rank reads next
         return {"steps": self.step, "best": self.best, "stopped_early": stopped_early}
 
+    def _one_step(self, stream, bar) -> bool:
+        """One optimizer step (plus logging, validation, checkpoint); True when early stopping says stop."""
+        cfg, model = self.config, self.model
+        stopped_early = False
+        start, tokens = time.perf_counter(), 0
+        # every rank draws the step's world * grad_accum micro-batches and keeps its share,
+        # so the data position is the same on all ranks and in 1-process runs
+        drawn = [next(stream) for _ in range(cfg.grad_accum * self.world)]
+        mine = [b for i, b in enumerate(drawn) if i % self.world == self.rank]
+        # token-weighted: the step's loss is the mean over all of its trained tokens, so
+        # batch 8 x accum 1 and batch 4 x accum 2 (or 2 ranks) give the same gradient;
+        # the factor `world` undoes DDP's averaging of the ranks' gradients
+        step_tokens = max(1, sum(_trained_tokens(b) for b in drawn))
+        step_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(mine):
+            weight = _trained_tokens(batch) * self.world / step_tokens
+            tokens += _input_tokens(batch)  # counted on the host copy: no device sync
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
+            ctx = model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                     enabled=self.autocast_dtype is not None):
+                loss = model(**batch).loss * weight
+                loss.backward()
+            step_loss += loss.detach()
+        loss_sum = step_loss.item()  # one device sync per step, not per micro-batch
+        stop = self.stop_signal
+        if self.world > 1:  # every rank agrees on the loss, the tokens and a stop request
+            stats = torch.tensor([loss_sum, tokens, stop], device=self.device, dtype=torch.float64)
+            dist.all_reduce(stats)
+            loss_sum, tokens = stats[0].item() / self.world, int(stats[1].item())
+            stop = int(stats[2].item() > 0) and (self.stop_signal or signal.SIGTERM)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # the norm is computed even without clipping: a NaN/Inf gradient must not reach the weights
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                          else _total_norm(params))
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            self._skip_bad_step(loss_sum, grad_norm)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+        if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
+            return False  # skipped: no record, no validation, no checkpoint of this step
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
+            if cfg.max_grad_norm > 0:
+                record["grad_norm"] = grad_norm
+            self._log(record)
+        at_end = self.step == self.total_steps
+        if self.val_batches and ((cfg.eval_every and self.step % cfg.eval_every == 0) or at_end):
+            stopped_early = self._validate_and_keep_best()
+        if stop and not at_end and not stopped_early:
+            raise TrainingStopped(self.step, self._save(), stop)
+        if cfg.save_every and (self.step % cfg.save_every == 0) and not at_end and not stopped_early:
+            self._save()
+        return stopped_early
+
+    def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradients are NaN/Inf changes nothing; too many stop the run."""
+        self.skipped_steps += 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if self.skipped_steps > self.config.max_skipped_steps:
+            last = latest_checkpoint(self.out)
+            raise NonFiniteError(
+                f"step {self.step + 1}: {what}; stopped (the weights are those after step {self.step}"
+                f"{f', the last checkpoint {last}' if last else ''}). A lower --lr, --max-grad-norm, or "
+                f"bf16/fp32 instead of fp16 usually helps; --max-skipped-steps N skips up to N such steps")
+        warnings.warn(f"step {self.step + 1}: {what}: step skipped ({self.skipped_steps} of at most "
+                      f"{self.config.max_skipped_steps})")
+
+    def check_weights_finite(self) -> None:
+        """Raise NonFiniteError when a trainable weight holds NaN/Inf (nothing such is written)."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not torch.isfinite(p).all():
+                raise NonFiniteError(f"step {self.step}: the trainable weight {name} holds NaN/Inf values; "
+                                     "stopped without writing it")
+
     def _validate_and_keep_best(self) -> bool:
         val = self.validate()
         self._log({"step": self.step, "val_loss": val["loss"], "val_perplexity": val["perplexity"]})
+        if not math.isfinite(val["loss"]):
+            raise NonFiniteError(f"step {self.step}: the validation loss is {val['loss']}; stopped")
         if val["loss"] < self.best["val_loss"]:
             self.best, self.bad_evals = {"val_loss": val["loss"], "step": self.step}, 0
             if self.rank == 0:
-                _write_atomically(self.write_weights, self.out / "best")
+                self.check_weights_finite()
+                write_dir(self.write_weights, self.out / "best")
         else:
             self.bad_evals += 1
         return bool(self.config.patience) and self.bad_evals >= self.config.patience
 
-    def _save(self) -> None:
+    def _save(self) -> Path:
+        path = self.out / "checkpoints" / f"step-{self.step}"
         if self.rank == 0:
-            save_checkpoint(self.out, self.step, self.write_weights, self.optimizer, self.scheduler,
-                            self._trainer_state())
+            self.check_weights_finite()
+            path = save_checkpoint(self.out, self.step, self.write_weights, self.optimizer, self.scheduler,
+                                   self._trainer_state())
+            prune_checkpoints(self.out, self.config.keep_checkpoints)
         if self.world > 1:
             dist.barrier()
+        return path
+
+
+def _total_norm(params) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _trained_tokens(batch: dict) -> int:
@@ -220,17 +295,44 @@ def _input_tokens(batch: dict) -> int:
     return batch["input_ids"].numel()
 
 
-def _write_atomically(write: Callable[[Path], None], path: Path) -> None:
-    """write(dir) into a temp dir, then swap it in: a kill never leaves a half-written `path`
-    (at worst the previous one, under .old-<name>)."""
-    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a torn last line (a write cut short) is dropped, a broken
+    line before the last is an error naming the file and line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped its last line, cut short by an interrupted write")
+                break
+            raise CheckpointError(f"{path}, line {i + 1}: not a JSON record ({err}); fix or remove the line") from None
+    return records
+
+
+@contextlib.contextmanager
+def _stop_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the trainer to stop after the current step (a second SIGINT aborts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum, frame):
+        if trainer.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        if trainer.rank == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+                  "(Ctrl-C again to abort at once)", flush=True)
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resume_point(output_dir: Path, config: TrainConfig) -> Path | None:

@@ -4,10 +4,12 @@ The whole path a practitioner walks, in order; each step is a function of its ow
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,8 @@ from .data_mix import Splits, load_splits, mix, stages
 from .data_tokenize import render_prompt_completion, tokenize_records
 from .evaluate import classification_metrics, evaluate_loss, exact_match, generate_completions
 from .loading import check_model_dir, load_model
-from .loop import Trainer, resume_point
+from .loop import NonFiniteError, Trainer, resume_point
+from .outputs import RunLock, claim, write_dir, write_json
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 MAX_EVAL_GENERATIONS = 200  # generation is slow: the metric uses at most this many test records
@@ -94,6 +97,14 @@ def prepare_records(config: TrainConfig) -> Splits:
             print(report)
         print(splits)
     return splits
+
+
+def data_fingerprint(records) -> str:
+    """SHA-256 of the training examples (their fields, in order): a resumed run must train on the same data."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.format, r.data], sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def is_main() -> bool:
@@ -200,11 +211,17 @@ def evaluate_split(model, tokenizer, records, config: TrainConfig, device, autoc
                    labels=None) -> dict:
     """Loss, perplexity and the primary metric (exact match / classification metrics) of `records`."""
     result = evaluate_loss(model, loss_batches(records, tokenizer, config), device, autocast_dtype)
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteError(f"the evaluation loss is {result['loss']}: the model's weights or outputs hold NaN/Inf")
     metric, _ = primary_metric_name(records)
     if metric == "perplexity":
         return result
     sample = records[:MAX_EVAL_GENERATIONS]
     prompts, references = zip(*(_prompt_and_reference(r, tokenizer, config.template) for r in sample))
+    # the length budget holds for generation too: a prompt keeps its last tokens (those next to
+    # the answer) so that prompt + answer fit --max-length
+    budget = max(1, config.max_length - config.eval_max_new_tokens)
+    prompts = [p[-budget:] for p in prompts]
     predictions = generate_completions(model, tokenizer, prompts, config.eval_max_new_tokens, device,
                                        batch_size=max(config.batch_size, 32))
     if metric == "accuracy":
@@ -220,20 +237,39 @@ def evaluate_split(model, tokenizer, records, config: TrainConfig, device, autoc
 
 def train(config: TrainConfig) -> dict:
     """Run the whole fine-tune; returns (and writes to <output-dir>/summary.json) the summary."""
-    from transformers import AutoTokenizer
-
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(config.output_dir)
-    # refuse bad settings before anything is loaded or written
-    if config.resume:
-        resume_point(out, config)  # a corrupt checkpoint or other settings: CheckpointError now
-    elif latest_checkpoint(out) is not None:
-        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that run, "
-                         "or choose another --output-dir")
+    with _owned(out, config):
+        return _train(config, out)
+
+
+@contextlib.contextmanager
+def _owned(out: Path, config: TrainConfig):
+    """The output directory, locked for this run (rank 0) and checked before anything is loaded:
+    another run's results are refused unless --resume/--overwrite says what to do. A directory
+    this run created and left empty (it failed early) is removed again."""
+    created = not out.exists()
+    lock = RunLock(out).acquire() if is_main() else None
+    try:
+        if is_main():
+            claim(out, config.resume, config.overwrite, latest_checkpoint(out) is not None)
+        if config.resume:
+            resume_point(out, config)  # a corrupt checkpoint or other settings: CheckpointError now
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+
+
+def _train(config: TrainConfig, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
     seed_everything(config.seed)
     device, dtype = resolve_device_and_dtype(config)
     autocast_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
@@ -269,11 +305,9 @@ def train(config: TrainConfig) -> dict:
     if dist.is_initialized():
         trainer_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainer = Trainer(trainer_model, config, train_batches, val_batches, device, write, read, autocast_dtype)
+    trainer = Trainer(trainer_model, config, train_batches, val_batches, device, write, read, autocast_dtype,
+                      data_fingerprint=data_fingerprint(splits.train))
     resumed = trainer.resume() if config.resume else False
-    if not resumed and is_main():  # a fresh run: no records or best weights of an earlier one
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(out / "best", ignore_errors=True)
     result = trainer.train()
     if result["best"]["step"] and (out / "best").exists():
         read(out / "best")  # the deliverable is the best validated weights, not the last
@@ -281,12 +315,15 @@ def train(config: TrainConfig) -> dict:
 
     summary = None
     if is_main():
+        trainer.check_weights_finite()
         final_dir = out / ("model" if config.method == "full" else "adapter")
         if config.method == "full":
-            model.save_pretrained(final_dir, safe_serialization=True)
-            tokenizer.save_pretrained(final_dir)
+            def write_model(path: Path) -> None:
+                model.save_pretrained(path, safe_serialization=True)
+                tokenizer.save_pretrained(path)
+            write_dir(write_model, final_dir)
         else:
-            write(final_dir)
+            write_dir(write, final_dir)
         tokens_per_s = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
         summary = {
             "method": config.method, "steps": result["steps"], "resumed": resumed,
@@ -301,10 +338,8 @@ def train(config: TrainConfig) -> dict:
             "device": str(device), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "config": config.to_dict(),
         }
-        tmp = out / ".summary.json.tmp"  # renamed into place: never a half-written summary
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out / "summary.json")
         plot_losses(trainer.history, out / "loss_curve.png")
+        write_json(out / "summary.json", summary)  # last: a summary means the run is complete
         print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
               f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; written to {out}")
     if dist.is_initialized():
@@ -336,5 +371,7 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
