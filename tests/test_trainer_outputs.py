@@ -304,3 +304,31 @@ def test_a_malformed_manifest_is_named(data, tmp_path):
     (out / "checkpoints" / "step-4" / "manifest.json").write_text("[1, 2]")
     message = _error(*run_cli(fast_args(out, data, steps=6, save_every=2, resume=True))[::2])
     assert "manifest.json is malformed" in message
+
+
+def test_cli_friction(data, tmp_path, capsys):
+    """Typos get the command's own error and the closest flag; no abbreviations; --data alone
+    does not silently train the demo model; YAML typos get a suggestion; help shows each default once."""
+    from trilora.cli import build_parser
+    code, _, err = run_cli(["train", "--lrr", "1"])
+    assert code == 2 and "trilora train: error: unrecognized arguments: --lrr (did you mean --lr?)" in err
+    assert "usage:" not in err
+    code, _, err = run_cli(["train", "--max-step", "3", "--data", data, "--model", DEMO_MODEL])
+    assert code == 2 and "did you mean --max-steps?" in err
+    message = _error(*run_cli(["train", "--data", data, "--output-dir", tmp_path / "o"])[::2])
+    assert "--data needs --model" in message and not (tmp_path / "o").exists()
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\n")
+    message = _error(*run_cli(["train", "--config", tmp_path / "c.yaml", "--model", DEMO_MODEL])[::2])
+    assert "learning_rate (did you mean lr?)" in message
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: one per format)" in text and "(default: one per format) (default: None)" not in text
+
+
+def test_console_reports_validation_and_the_weights_kept(data, tmp_path):
+    code, out, err = run_cli(fast_args(tmp_path / "out", data, steps=4, eval_every=2))
+    assert code == 0, err[-2000:]
+    assert "before training ..." in out and "after training ..." in out
+    assert "step 2: validation loss" in out + err and "step 4: validation loss" in out + err
+    assert "adapter/ holds the weights of step" in out and "the best validation loss" in out

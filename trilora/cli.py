@@ -16,8 +16,20 @@ def _train(args) -> int:
     if args.config is None and args.model is None and args.data is None:
         print(f"no --model/--data: running the embedded demo ({DEMO_CONFIG.name})")
         args.config = DEMO_CONFIG
-    train(config_from_args(args))
+    config = config_from_args(args)
+    if config.data is not None and config.model is None:
+        raise ValueError("--data needs --model, the base model to fine-tune (the embedded demo model only "
+                         "serves the demo task; pass --model trilora/demo/assets to train it anyway)")
+    train(config)
     return 0
+
+
+def _model_dir(args) -> Path:
+    """--model, or the demo model (said on stderr, so a missing --model is never silent)."""
+    if args.model:
+        return Path(args.model)
+    print(f"no --model: using the embedded demo model ({DEMO_CONFIG.parent / 'assets'})", file=sys.stderr)
+    return DEMO_CONFIG.parent / "assets"
 
 
 def _load_for_inference(args):
@@ -26,7 +38,7 @@ def _load_for_inference(args):
     from .lora import load_adapter
     from .trainer.loading import load_model
 
-    model_dir = Path(args.model) if args.model else DEMO_CONFIG.parent / "assets"
+    model_dir = _model_dir(args)
     model = load_model(model_dir, quantize=args.quantize, backend=args.kernel_backend)
     if args.adapter:
         load_adapter(model, args.adapter, backend=args.kernel_backend)
@@ -76,14 +88,14 @@ def _merge(args) -> int:
     from .trainer.loading import load_model
     from .trainer.outputs import write_dir
 
-    output = Path(args.output)
-    check_merge_output(output, {"--model": Path(args.model), "--adapter": Path(args.adapter)}, args.overwrite)
-    model = load_model(args.model, quantize=None, backend=args.kernel_backend)
+    output, model_dir = Path(args.output), _model_dir(args)
+    check_merge_output(output, {"--model": model_dir, "--adapter": Path(args.adapter)}, args.overwrite)
+    model = load_model(model_dir, quantize=None, backend=args.kernel_backend)
     load_adapter(model, args.adapter, backend=args.kernel_backend)
     tokenizer = None
-    if (Path(args.model) / "tokenizer.json").exists() or (Path(args.model) / "tokenizer_config.json").exists():
+    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def write(path: Path) -> None:
         save_merged(model, path, in_place=True)
@@ -134,16 +146,26 @@ def _bench(args) -> int:
     return status
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line plus where the help is, not the whole usage (train has 50 flags)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .trainer.config import add_arguments
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False, allow_abbrev=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
-    parser = argparse.ArgumentParser(prog="trilora", description="Fast, exact LoRA / QLoRA fine-tuning")
+    parser = _Parser(prog="trilora", description="Fast, exact LoRA / QLoRA fine-tuning", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = {}
 
     def command(name: str, **kw) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], **kw)  # --debug on every command
+        # --debug on every command; no abbreviations (--max-step is not silently --max-steps)
+        parser.commands[name] = sub.add_parser(name, parents=[common], allow_abbrev=False, **kw)
+        return parser.commands[name]
 
     p = command("train", help="fine-tune (with no --model/--data: the embedded CPU demo)",
                        description="Fine-tune a model: full, LoRA or QLoRA. Settings come from "
@@ -173,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = command("merge", help="fold an adapter into its base and save an HF model directory")
-    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--model", help="base model directory (default: the demo model)")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
     p.add_argument("--output", required=True, help="directory for the merged model (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
@@ -197,9 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv) -> argparse.Namespace:
+    """Arguments; an unknown flag is reported by its command (its usage, not the top level's)
+    with the closest known flag."""
+    from .trainer.config import closest_setting
+
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands[args.command]
+        flags = {s[2:].replace("-", "_"): s for a in command._actions for s in a.option_strings if s.startswith("--")}
+        hints = []
+        for word in (u for u in unknown if u.startswith("-")):
+            close = closest_setting(word.split("=")[0], flags)
+            hints.append(f"{word} (did you mean {flags.get(close, '--' + str(close).replace('_', '-'))}?)"
+                         if close else word)
+        command.error(f"unrecognized arguments: {' '.join(hints or unknown)}")
+    return args
+
+
 def main(argv=None) -> int:
     """Every failure is one line naming the problem (and a non-zero exit); --debug adds the traceback."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     from .trainer.loop import TrainingStopped
 
     try:

@@ -154,6 +154,24 @@ class TrainConfig:
                    "replay_data", "replay", "init_adapter")
 
 
+# names users bring from HF TrainingArguments / PEFT, mapped to ours (for "did you mean")
+FAMILIAR_NAMES = {"learning_rate": "lr", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_rank": "r",
+                  "rank": "r", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+                  "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
+                  "model_name_or_path": "model", "lr_scheduler_type": "scheduler", "warmup": "warmup_steps",
+                  "output": "output_dir", "train_file": "data", "dataset": "data"}
+
+
+def closest_setting(name: str, known) -> str | None:
+    """The setting a mistyped or foreign `name` most likely means, or None."""
+    import difflib
+    key = name.lstrip("-").replace("-", "_")
+    if key in FAMILIAR_NAMES:
+        return FAMILIAR_NAMES[key]
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return close[0] if close else None
+
+
 def _kind(f) -> tuple[type, bool]:
     """(element type, is a list) of a TrainConfig field, from its annotation string."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -172,9 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f.metadata["help"] + " (default: off)")
             continue
         default = f.default if not isinstance(f.default, tuple) else " ".join(map(str, f.default))
+        text = f.metadata["help"] if "default:" in f.metadata["help"] else f"{f.metadata['help']} (default: {default})"
         parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, type=cast,
-                            nargs=f.metadata.get("nargs"), default=None,
-                            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+                            nargs=f.metadata.get("nargs"), default=None, help=text.replace("%", "%%"))
 
 
 def _coerce(f, value: Any, where: str) -> Any:
@@ -218,7 +236,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         by_name = {f.name: f for f in fields(TrainConfig)}
         unknown = sorted(set(str(k).replace("-", "_") for k in loaded) - set(by_name))
         if unknown:
-            raise ValueError(f"{args.config}: unknown settings {unknown}; known: {', '.join(by_name)}")
+            hints = [f"{k} (did you mean {close}?)" if (close := closest_setting(k, by_name)) else k for k in unknown]
+            raise ValueError(f"{args.config}: unknown settings {unknown}: {'; '.join(hints)}; "
+                             f"known: {', '.join(by_name)}")
         for key, value in loaded.items():
             name = str(key).replace("-", "_")
             values[name] = _coerce(by_name[name], value, str(args.config))

@@ -261,6 +261,9 @@ class Trainer:
                 write_dir(self.write_weights, self.out / "best")
         else:
             self.bad_evals += 1
+        if self.rank == 0:
+            tqdm.write(f"step {self.step}: validation loss {val['loss']:.4f} (best {self.best['val_loss']:.4f} "
+                       f"at step {self.best['step']})")
         return bool(self.config.patience) and self.bad_evals >= self.config.patience
 
     def _save(self) -> Path:

@@ -298,6 +298,8 @@ def _train(config: TrainConfig, out: Path) -> dict:
               f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
     labels = label_set(splits.train + splits.test) or None
     metric, higher = primary_metric_name(splits.test)
+    if is_main():
+        print(f"evaluating the test split ({len(splits.test)} records) before training ...", flush=True)
     before = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels)
 
     write, read = weight_io(model, config)
@@ -311,6 +313,8 @@ def _train(config: TrainConfig, out: Path) -> dict:
     result = trainer.train()
     if result["best"]["step"] and (out / "best").exists():
         read(out / "best")  # the deliverable is the best validated weights, not the last
+    if is_main():
+        print(f"evaluating the test split ({len(splits.test)} records) after training ...", flush=True)
     after = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels)
 
     summary = None
@@ -340,8 +344,11 @@ def _train(config: TrainConfig, out: Path) -> dict:
         }
         plot_losses(trainer.history, out / "loss_curve.png")
         write_json(out / "summary.json", summary)  # last: a summary means the run is complete
+        which = (f"step {result['best']['step']}, the best validation loss" if result["best"]["step"]
+                 else f"the last step, {result['steps']}")
         print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
-              f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; written to {out}")
+              f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; {final_dir.name}/ holds the weights of "
+              f"{which}; written to {out}")
     if dist.is_initialized():
         dist.barrier()
     return summary
