@@ -148,9 +148,8 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to `total_steps` (or early stop); return {"steps", "best", "stopped_early"}."""
-        cfg, model = self.config, self.model
         self.out.mkdir(parents=True, exist_ok=True)
-        model.train()
+        self.model.train()
         stream = self._micro_batches()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train")
         stopped_early = False
