@@ -202,7 +202,8 @@ class Trainer:
         # the norm is computed even without clipping: a NaN/Inf gradient must not reach the weights
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                           else _total_norm(params))
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if not finite:
             self._skip_bad_step(loss_sum, grad_norm)
         else:
             self.optimizer.step()
@@ -212,7 +213,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-        if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
+        if not finite:
             return False  # skipped: no record, no validation, no checkpoint of this step
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
             record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}

@@ -62,13 +62,6 @@ def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
 
 # ----------------------------------------------------------------------------- autograd
 
-def _empty_grads(x, lora_A, lora_B, n, needs):
-    """Zero gradients of the right shapes for an empty batch (dX, dA, dB, dbias)."""
-    z = lambda shape, like, need: torch.zeros(shape, dtype=like.dtype, device=like.device) if need else None  # noqa: E731
-    return (z(x.shape, x, needs[0]), z(lora_A.shape, lora_A, needs[1]), z(lora_B.shape, lora_B, needs[2]),
-            z((n,), x, needs[3]))
-
-
 class LoRALinearFunction(torch.autograd.Function):
     """Triton forward/backward of `lora_linear`. Saves x, A, B, t and the keep bits.
 
@@ -98,21 +91,18 @@ class LoRALinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         needs = (need[0], need[2], need[3], need[4] and ctx.bias_dtype is not None)
         inv_keep = 1.0 / (1.0 - ctx.dropout_p)
-        if x2d.shape[0] == 0:
-            dx, da, dlb, dbias = _empty_grads(x2d, lora_A, lora_B, lora_B.shape[0], needs)
-        else:
-            dx = da = dlb = dbias = None
-            if needs[0] or needs[1]:
-                u, _ = lowrank(dy, lora_B.t(), ctx.scaling)                        # [M, r]
-            if needs[0]:
-                dx = gemm(output(x2d.shape, x2d.dtype, x2d.device), [(dy, ctx.base)], False, lowrank=(u, lora_A),
-                          keep_bits=bits, inv_keep=inv_keep)
-            if needs[1]:
-                da = matmul_tn(x2d, u, inv_keep, lora_A.dtype, keep_bits=bits, transpose=True)  # [r, in]
-            if needs[2]:
-                dlb = matmul_tn(dy, t, 1.0, lora_B.dtype)                          # [out, r]
-            if needs[3]:
-                dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        dx = da = dlb = dbias = None  # an empty batch (M = 0) goes through too: the reductions give zeros
+        if needs[0] or needs[1]:
+            u, _ = lowrank(dy, lora_B.t(), ctx.scaling)                        # [M, r]
+        if needs[0]:
+            dx = gemm(output(x2d.shape, x2d.dtype, x2d.device), [(dy, ctx.base)], False, lowrank=(u, lora_A),
+                      keep_bits=bits, inv_keep=inv_keep)
+        if needs[1]:
+            da = matmul_tn(x2d, u, inv_keep, lora_A.dtype, keep_bits=bits, transpose=True)  # [r, in]
+        if needs[2]:
+            dlb = matmul_tn(dy, t, 1.0, lora_B.dtype)                          # [out, r]
+        if needs[3]:
+            dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return (None if dx is None else dx.view(ctx.x_shape), None, da, dlb, dbias, None, None, None, None)
 
 

@@ -38,7 +38,7 @@ from ..backend import HAS_TRITON, resolve_backend
 from .checks import check_frozen
 from .dropout import lora_dropout_mask, resolve_seed
 from .engine import output
-from .projections import (Projection, Saved, autocast_projections, check_projection, empty_batch_grads,
+from .projections import (Projection, Saved, autocast_projections, check_projection,
                           projection_ref, projections_backward, projections_forward, wants_grad)
 
 if HAS_TRITON:
@@ -173,12 +173,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = projs
         x2d = x.reshape(-1, x.shape[-1])                     # [M, H]
         y = output((x2d.shape[0], down.out_features), x.dtype, x.device)
-        saved_x = saved_h = Saved(None, None)
-        if x2d.shape[0]:
-            gu, saved_x = _gate_up(x2d, gate, up, dropout_p, seed, save_bits)
-            h = glu_forward(gu, act)                          # [M, I]; [g | u] freed
-            del gu
-            saved_h = projections_forward(h, (down,), dropout_p, seed + 1, (y,), save_bits)
+        gu, saved_x = _gate_up(x2d, gate, up, dropout_p, seed, save_bits)
+        h = glu_forward(gu, act)                              # [M, I]; [g | u] freed
+        del gu
+        saved_h = projections_forward(h, (down,), dropout_p, seed + 1, (y,), save_bits)
         ctx.save_for_backward(x2d, saved_x.t, saved_x.bits, saved_h.t, saved_h.bits)
         ctx.projs, ctx.act, ctx.dropout_p, ctx.x_shape = projs, act, dropout_p, x.shape
         return y.view(*x.shape[:-1], y.shape[1])
@@ -190,10 +188,6 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = ctx.projs
         p, need = ctx.dropout_p, ctx.needs_input_grad
         needs = [tuple(need[6 + 3 * i + j] for j in range(3)) for i in range(3)]
-        if x2d.shape[0] == 0:
-            dx, grads = empty_batch_grads(x2d, ctx.projs, need[0], needs)
-            return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None, None,
-                    *[g for triple in grads for g in triple])
         dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)     # [M, H_out]
         # 1. recompute [g | u] (with the forward's t) and h
         gu, saved_x = _gate_up(x2d, gate, up, p, 0, False, Saved(t_x, bits_x))  # [M, 2I]

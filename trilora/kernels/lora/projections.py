@@ -166,13 +166,6 @@ def projections_backward(dys, x: torch.Tensor, projs, dropout_p: float, saved: S
     return dx, [tuple(g) for g in grads]
 
 
-def empty_batch_grads(x: torch.Tensor, projs, need_dx: bool, needs):
-    """Zero gradients of the right shapes for M = 0."""
-    zeros = lambda t, need: torch.zeros_like(t) if need and t is not None else None  # noqa: E731
-    return (torch.zeros_like(x) if need_dx else None), \
-        [tuple(zeros(t, f) for t, f in zip(p.trainables(), nd)) for p, nd in zip(projs, needs)]
-
-
 # ----------------------------------------------------------------------------- autograd
 
 class LoRAProjectionsFunction(torch.autograd.Function):
@@ -188,7 +181,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     def forward(ctx, x, projs, dropout_p, seed, save_bits, *trainables):
         x2d = x.reshape(-1, x.shape[-1])  # [M, in]
         outs = [output((x2d.shape[0], p.out_features), x.dtype, x.device) for p in projs]
-        saved = projections_forward(x2d, projs, dropout_p, seed, outs, save_bits) if x2d.shape[0] else Saved(None, None)
+        saved = projections_forward(x2d, projs, dropout_p, seed, outs, save_bits)
         ctx.save_for_backward(x2d, saved.t, saved.bits)
         ctx.projs, ctx.dropout_p, ctx.x_shape = projs, dropout_p, x.shape
         return tuple(o.view(*x.shape[:-1], o.shape[1]) for o in outs)
@@ -200,10 +193,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         dys = [dy.reshape(-1, dy.shape[-1]).to(x2d.dtype) for dy in dys]
         need = ctx.needs_input_grad
         needs = [tuple(need[5 + 3 * i + j] for j in range(3)) for i in range(len(ctx.projs))]
-        if x2d.shape[0] == 0:
-            dx, grads = empty_batch_grads(x2d, ctx.projs, need[0], needs)
-        else:
-            dx, grads = projections_backward(dys, x2d, ctx.projs, ctx.dropout_p, Saved(t, bits), need[0], needs)
+        dx, grads = projections_backward(dys, x2d, ctx.projs, ctx.dropout_p, Saved(t, bits), need[0], needs)
         return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None,
                 *[g for triple in grads for g in triple])
 
