@@ -39,6 +39,11 @@ def test_embedded_demo_learns_the_task(demo):
     assert {"loss", "exact_match"} <= before.keys() and {"loss", "exact_match"} <= after.keys()
     assert after["exact_match"] >= before["exact_match"] + 0.5
     assert after["loss"] < before["loss"]
+    # which weights the score belongs to, and the score on the original weights beside it
+    assert "nf4-quantized base" in summary["test_after_weights"]
+    original = summary["test_after_original_base"]
+    assert {"loss", "exact_match"} <= original.keys() and original["loss"] != after["loss"]
+    assert "on the original weights: test exact_match" in stdout
     config, tensors = read_adapter(summary["adapter_dir"])
     assert config.r == 16 and len(tensors) == 2 * 4 * 7  # lora_A and lora_B of 7 linears x 4 layers
     assert (out / "loss_curve.png").exists() and (out / "metrics.jsonl").exists()
@@ -70,18 +75,47 @@ def test_eval_command(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_merge_command(demo, tmp_path):
+@pytest.mark.parametrize("base_weights", ["as-trained", "original"])
+def test_merge_command(demo, tmp_path, base_weights):
+    """The default folds the QLoRA adapter into the dequantized NF4 base it was trained
+    against (so the merged model scores as the run's test_after); `original` into the
+    original weights; the final line says which."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trilora.lora import adapter_base_quantization
+
+    adapter_dir = demo[0] / "adapter"
+    assert adapter_base_quantization(adapter_dir) == {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
     merged = tmp_path / "merged"
-    code, stdout, err = run_cli(["merge", "--model", DEMO_MODEL, "--adapter", demo[0] / "adapter",
-                                 "--output", merged, "--kernel-backend", "torch"])
+    code, stdout, err = run_cli(["merge", "--model", DEMO_MODEL, "--adapter", adapter_dir, "--output", merged,
+                                 "--kernel-backend", "torch", "--base-weights", base_weights])
     assert code == 0, err[-2000:]
     hf = AutoModelForCausalLM.from_pretrained(merged).eval()
-    ours = load_adapter(load_model(DEMO_MODEL, quantize=None), demo[0] / "adapter", backend="torch").eval()
+    quantize = "nf4" if base_weights == "as-trained" else None
+    ours = load_adapter(load_model(DEMO_MODEL, quantize=quantize, backend="torch"), adapter_dir, backend="torch").eval()
+    other = load_adapter(load_model(DEMO_MODEL, quantize="nf4" if quantize is None else None, backend="torch"),
+                         adapter_dir, backend="torch").eval()
     ids = torch.randint(3, 51, (2, 12), generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(logits_of(hf, ids), logits_of(ours, ids), atol=1e-4)
+    got = logits_of(hf, ids)
+    assert torch.allclose(got, logits_of(ours, ids), atol=1e-4)
+    assert not torch.allclose(got, logits_of(other, ids), atol=1e-3)  # the two choices differ
+    assert ("dequantized nf4 base" in stdout) == (base_weights == "as-trained")
     assert AutoTokenizer.from_pretrained(merged)("ab")["input_ids"]
+
+
+@pytest.mark.slow
+def test_eval_defaults_to_the_base_the_adapter_was_trained_on(demo, tmp_path):
+    data = demo_data(tmp_path, n=12, seed=556)
+    scores = {}
+    for quantize in (None, "nf4", "none"):
+        report = tmp_path / f"{quantize}.json"
+        args = ["eval", "--adapter", demo[0] / "adapter", "--data", data, "--output", report,
+                "--kernel-backend", "torch", "--max-new-tokens", "8"]
+        code, _, err = run_cli(args + (["--quantize", quantize] if quantize else []))
+        assert code == 0, err[-2000:]
+        assert ("as the adapter was trained" in err) == (quantize is None)
+        scores[quantize] = json.loads(report.read_text())["loss"]
+    assert scores[None] == scores["nf4"] != scores["none"]
 
 
 @pytest.mark.slow
@@ -90,9 +124,9 @@ def test_generate_command(demo):
                                  "--kernel-backend", "torch", "--max-new-tokens", "10",
                                  "--prompt", "rotate: hello =", "--prompt", "rotate: planet ="])
     assert code == 0, err[-2000:]
-    lines = stdout.strip().splitlines()
-    assert lines[0].startswith("rotate: hello =") and lines[1].startswith("rotate: planet =")
-    assert lines[0] == "rotate: hello = elloh"  # the completion keeps its leading space
+    # each prompt, then its completion on its own line (the completion keeps its leading space)
+    assert stdout.startswith("### prompt\nrotate: hello =\n### completion\n elloh\n\n"
+                             "### prompt\nrotate: planet =\n### completion\n")
 
 
 def test_classification_metrics_by_hand():

@@ -33,26 +33,26 @@ def test_prompt_completion_csv_with_multiline_cell(tmp_path):
     path.write_text('prompt,completion\n"two\nlines",  ok  \nq,a\n')
     records, report = load_records(path)
     assert report.format == "prompt_completion"
-    # prompts are stripped; a completion keeps its leading whitespace (text to generate)
-    assert [r.data for r in records] == [{"prompt": "two\nlines", "completion": "  ok"},
+    # text is the user's bytes: nothing stripped
+    assert [r.data for r in records] == [{"prompt": "two\nlines", "completion": "  ok  "},
                                          {"prompt": "q", "completion": "a"}]
     assert records[1].where.endswith(":4")  # the quoted cell spans lines 2-3
 
 
-def test_completion_keeps_its_leading_space_blank_is_still_empty():
+def test_text_is_kept_exactly_blank_is_still_empty():
     records, report = load_records([{"prompt": " rotate: ab = ", "completion": " ba \n"},
                                     {"prompt": "p", "completion": "   "}])
-    assert [r.data for r in records] == [{"prompt": "rotate: ab =", "completion": " ba"}]
+    assert [r.data for r in records] == [{"prompt": " rotate: ab = ", "completion": " ba \n"}]
     assert report.empty == 1
     records, _ = load_records([{"instruction": " i ", "output": "\tx "}])
-    assert records[0].data["output"] == "\tx" and records[0].data["instruction"] == "i"
+    assert records[0].data["output"] == "\tx " and records[0].data["instruction"] == " i "
 
 
 def test_chat_jsonl_and_chat_in_csv(tmp_path):
     conversation = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"}]
     records, report = load_records(write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}]))
     assert report.format == "chat"
-    assert records[0].data["messages"][0] == {"role": "user", "content": "hi"}
+    assert records[0].data["messages"][0] == {"role": "user", "content": " hi "}
     path = tmp_path / "c.csv"
     path.write_text("messages\n" + '"' + json.dumps(conversation).replace('"', '""') + '"\n')
     records_csv, _ = load_records(path)
@@ -271,3 +271,98 @@ def test_stages_with_replay_fraction():
     assert [len(s) for s in stages([stage0, stage1], replay=0.0)] == [300, 900]
     with pytest.raises(ValueError, match=r"replay must be in \[0, 1\)"):
         stages([stage0, stage1], replay=1.0)
+
+
+# --------------------------------------------------------------------------- one bad record costs one record
+
+def _bad_utf8_files(tmp_path):
+    """The same three records, the second with an undecodable byte, in each file kind."""
+    good = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p3", "completion": "c3"}]
+    jsonl = tmp_path / "u.jsonl"
+    jsonl.write_bytes(b'{"prompt": "p1", "completion": "c1"}\n{"prompt": "p\xff", "completion": "c2"}\n'
+                      b'{"prompt": "p3", "completion": "c3"}\n')
+    csv_ = tmp_path / "u.csv"
+    csv_.write_bytes(b"prompt,completion\np1,c1\np\xff,c2\np3,c3\n")
+    array = tmp_path / "u.json"
+    array.write_bytes(b'[{"prompt": "p1", "completion": "c1"}, {"prompt": "p\xff", "completion": "c2"},'
+                      b' {"prompt": "p3", "completion": "c3"}]')
+    return good, [(jsonl, 2), (csv_, 3), (array, 1)]
+
+
+def test_non_utf8_byte_drops_its_record_in_every_file_kind(tmp_path):
+    good, files = _bad_utf8_files(tmp_path)
+    for path, where in files:
+        records, report = load_records(path)
+        assert [r.data for r in records] == good, path
+        assert report.malformed == [(where, "not valid UTF-8")], path
+
+
+def test_lone_surrogate_escape_is_not_text():
+    records, report = load_records([{"text": "fine"}, {"text": "bad \udc80"}])
+    assert [r.data["text"] for r in records] == ["fine"]
+    assert report.malformed == [(1, "not valid UTF-8")]
+
+
+def test_byte_order_mark_is_accepted_in_every_file_kind(tmp_path):
+    rows = [{"prompt": "p", "completion": "c"}]
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "b.json").write_bytes(bom + json.dumps(rows).encode())
+    (tmp_path / "b.jsonl").write_bytes(bom + json.dumps(rows[0]).encode() + b"\n")
+    (tmp_path / "b.csv").write_bytes(bom + b"prompt,completion\np,c\n")
+    for name in ("b.json", "b.jsonl", "b.csv"):
+        records, _ = load_records(tmp_path / name)
+        assert [r.data for r in records] == rows, name
+
+
+def test_overlong_integer_costs_its_record_not_the_file(tmp_path):
+    digits = "9" * 5000
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n'
+                    f'{{"text": "b", "label": {digits}}}\n'
+                    '{"text": "c", "label": 2}\n')
+    records, report = load_records(path)
+    assert [r.data["label"] for r in records] == ["1", "2"]
+    assert report.malformed == [(2, "a number with 5000 digits (more than Python reads)")]
+    array = tmp_path / "n.json"
+    array.write_text(f'[{{"text": "a", "label": 1}}, {{"text": "b", "n": -{digits}, "label": 0}}]')
+    records, report = load_records(array)
+    assert [r.data["text"] for r in records] == ["a"] and report.malformed[0][0] == 1
+
+
+def test_deeply_nested_line_is_dropped_and_counted(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "a"}\n' + '{"text": ' + "[" * 200_000 + "]" * 200_000 + "}\n"
+                    '{"text": "c"}\n')
+    records, report = load_records(path)
+    assert [r.data["text"] for r in records] == ["a", "c"]
+    assert report.malformed == [(2, "nested too deeply to parse")]
+    array = tmp_path / "deep.json"
+    array.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match=r"deep\.json is nested too deeply to parse"):
+        load_records(array)
+
+
+@pytest.mark.parametrize("label", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_label_is_malformed_not_a_class(tmp_path, label):
+    path = tmp_path / "l.jsonl"
+    path.write_text(f'{{"text": "a", "label": 1.5}}\n{{"text": "b", "label": {label}}}\n'
+                    '{"text": "c", "label": "x"}\n')
+    records, report = load_records(path)
+    assert label_set(records) == ["1.5", "x"]
+    assert report.malformed == [(2, f"label is {float(label)!r}, not a class")]
+
+
+def test_file_mixing_two_record_formats_is_refused_not_half_dropped(tmp_path):
+    rows = ([{"instruction": f"i{k}", "output": "o"} for k in range(3)] +
+            [{"prompt": f"p{k}", "completion": "c"} for k in range(2)])
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ValueError, match=r"mixed\.jsonl mixes record formats: 3 alpaca \(first at "
+                                         r"line 1\), 2 prompt_completion \(first at line 4\); .*"
+                                         r"--data-format"):
+        load_records(path)
+    # forcing a format keeps its records and reports the others
+    records, report = load_records(path, format="alpaca")
+    assert report.kept == 3 and [n for n, _ in report.malformed] == [4, 5]
+    # a classification row without its label is a missing column, not a second schema
+    records, report = load_records([{"text": "a", "label": "x"}, {"text": "b"}])
+    assert report.format == "classification" and report.malformed == [(1, "missing required column 'label'")]

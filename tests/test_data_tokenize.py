@@ -155,3 +155,17 @@ def test_bad_tokenize_arguments(tok):
         tokenize_records(records, tok, 64, chat_masking="user")
     with pytest.raises(ValueError, match="max_length must be positive"):
         tokenize_records(records, tok, 0)
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{prompt[999]}", "IndexError"),       # indexes past the field's text
+    ("{prompt.upper.x}", "AttributeError"),
+    ("{prompt:d}", "ValueError"),          # a format spec the value does not take
+])
+def test_template_that_does_not_apply_to_a_record_names_template_and_record(tmp_path, tok, template, error):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "p", "completion": "c"}\n')
+    records, _ = load_records(path)
+    with pytest.raises(ValueError, match=rf"prompt template .* does not apply to record "
+                                         rf".*t\.jsonl:1: {error}"):
+        tokenize_records(records, tok, 64, template=template)

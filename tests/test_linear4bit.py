@@ -32,7 +32,7 @@ def test_state_dict_equals_bnb(shape, quant_type, double_quant, dtype):
     for key in sd:
         assert sd[key].dtype == theirs[key].dtype, key
         assert sd[key].shape == theirs[key].shape, key
-        if key == "weight.absmax" and double_quant:  # bnb's CPU nested step: +-1 code (formats.md)
+        if key == "weight.absmax" and double_quant:  # bnb's CPU nested step: +-1 code (docs/formats.md)
             assert (sd[key].int() - theirs[key].int()).abs().max() <= 1
         else:
             assert torch.equal(sd[key], theirs[key]), key

@@ -23,11 +23,29 @@ from trilora.quant import Linear4bit, dequantize_4bit, quantize_model
     (dict(bias="some"), "bias must be one of"), (dict(task_type="CLS"), "task_type"),
     (dict(init_lora_weights="pissa"), "pissa"), (dict(target_modules=[]), "target_modules"),
     (dict(target_modules=""), "target_modules"), (dict(modules_to_save="classifier"), "modules_to_save"),
-    (dict(alpha=float("nan")), "alpha"),
+    (dict(alpha=float("nan")), "alpha"), (dict(alpha=0), "alpha must be a positive"),
+    (dict(alpha=-8), "alpha must be a positive"), (dict(alpha=float("inf")), "alpha"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(r=3, alpha=0), "alpha must be a positive"), (dict(r=2.0, alpha=4), "rank r"),
+])
+def test_layer_rejects_what_the_config_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoraLinear(nn.Linear(8, 8), **kwargs)
+
+
+def test_meta_model_runs_a_shape_only_forward_like_torch_layers():
+    """An empty-weights (meta) model with adapters propagates shapes, as PEFT's does."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 5))
+    add_lora(model, LoraConfig(r=3, target_modules=["0", "1"]))
+    out = model(torch.randn(2, 7, 16, device="meta"))
+    assert out.is_meta and out.shape == (2, 7, 5)
 
 
 def test_config_scaling():

@@ -87,3 +87,38 @@ def test_device_mismatch(quantized):
     packed, state = quantized
     with pytest.raises(ValueError, match="one device"):
         dequantize_4bit(packed.to("meta"), state, backend="torch")
+
+
+@pytest.mark.parametrize("blocksize", [64.0, True, "64", None])
+def test_blocksize_must_be_an_int(blocksize):
+    """64.0 == 64, so a membership test alone let a float through to fail inside torch.pad."""
+    with pytest.raises(ValueError, match=rf"blocksize must be one of .* got {blocksize!r}"):
+        quantize_4bit(torch.randn(8, 8), blocksize=blocksize)
+
+
+def test_meta_tensors_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"w is on the meta device \(shape \(8, 16\), no data\)"):
+        quantize_4bit(torch.empty(8, 16, device="meta"))
+    from trilora.quant import quantize_model
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    with pytest.raises(ValueError, match=r"0\.weight is on the meta device"):
+        quantize_model(model)
+
+
+@pytest.mark.parametrize("field, double_quant", [("absmax", False), ("nested_absmax", True),
+                                                 ("offset", True), ("code", False)])
+def test_non_finite_quant_state_is_refused(field, double_quant):
+    from trilora.quant import QuantState
+    packed, state = quantize_4bit(torch.randn(20, 30), "nf4", 64, double_quant)
+    poisoned = getattr(state, field).clone()
+    poisoned.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"quant state {field} holds 1 NaN/Inf"):
+        dataclasses.replace(state, **{field: poisoned})
+    # and through bitsandbytes' serialized form
+    tensors = dataclasses.replace(state).to_bnb_dict()
+    key = {"absmax": "absmax", "nested_absmax": "nested_absmax", "code": "quant_map"}.get(field)
+    if key is not None:
+        tensors[key] = poisoned
+        with pytest.raises(ValueError, match=f"quant state {field} holds"):
+            QuantState.from_bnb_dict(tensors)

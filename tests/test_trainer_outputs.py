@@ -323,7 +323,7 @@ def test_cli_friction(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: one per format)" in text and "(default: one per format) (default: None)" not in text
+    assert "default: one per format)" in text and "default: one per format) (default: None)" not in text
 
 
 def test_console_reports_validation_and_the_weights_kept(data, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,17 +33,42 @@ def _model_dir(args) -> Path:
     return DEMO_CONFIG.parent / "assets"
 
 
-def _load_for_inference(args):
-    from transformers import AutoTokenizer
+def _trained_quantization(adapter) -> dict | None:
+    """The 4-bit format the adapter at `adapter` was trained against (None: a 16/32-bit base)."""
+    from .lora import adapter_base_quantization
 
+    return adapter_base_quantization(adapter) if adapter else None
+
+
+def _load_for_inference(args):
+    """The base as the adapter was trained on it (its 4-bit format, recorded in the adapter),
+    unless --quantize says otherwise; the adapter on top."""
     from .lora import load_adapter
-    from .trainer.loading import load_model
+    from .trainer.loading import load_model, load_tokenizer
 
     model_dir = _model_dir(args)
-    model = load_model(model_dir, quantize=args.quantize, backend=args.kernel_backend)
+    trained = _trained_quantization(args.adapter)
+    if args.quantize is None and trained is not None:
+        print(f"--quantize not given: the base is quantized to {trained['quant_type']} (blocksize "
+              f"{trained['blocksize']}), as the adapter was trained; --quantize none uses the original weights",
+              file=sys.stderr)
+        quant = trained
+    elif args.quantize in (None, "none"):
+        quant = None
+    else:
+        quant = {"quant_type": args.quantize, **({k: trained[k] for k in ("blocksize", "double_quant")}
+                                                 if trained and trained["quant_type"] == args.quantize else {})}
+    model = load_model(model_dir, backend=args.kernel_backend, **_load_kwargs(quant))
     if args.adapter:
         load_adapter(model, args.adapter, backend=args.kernel_backend)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+    return model.eval(), load_tokenizer(model_dir)
+
+
+def _load_kwargs(quant: dict | None) -> dict:
+    if quant is None:
+        return {"quantize": None}
+    return {"quantize": quant["quant_type"],
+            **{k: quant[k] for k in ("blocksize", "double_quant") if k in quant}}
 
 
 def _eval(args) -> int:
@@ -68,15 +94,24 @@ def _eval(args) -> int:
     return 0
 
 
-def check_merge_output(output: Path, sources: dict[str, Path], overwrite: bool) -> None:
-    """Refuse an output that is, contains or sits inside a source, a file, or (without
-    --overwrite) a directory with something in it."""
+def check_merge_output(output: Path, sources: dict[str, Path], overwrite: bool, to: str = "hf") -> None:
+    """Refuse an output that is, contains or sits inside a source; for --to hf a file or (without
+    --overwrite) a directory with something in it; for --to gguf a directory, a name without
+    .gguf, or (without --overwrite) an existing file."""
     out = output.resolve()
     for flag, source in sources.items():
         src = Path(source).resolve()
         if out == src or src in out.parents or out in src.parents:
             relation = "is" if out == src else "sits inside" if src in out.parents else "contains"
-            raise ValueError(f"--output {output} {relation} the {flag} {source}: choose a directory of its own")
+            raise ValueError(f"--output {output} {relation} the {flag} {source}: choose a path of its own")
+    if to == "gguf":
+        if output.suffix.lower() != ".gguf":
+            raise ValueError(f"--output {output}: with --to gguf the output is one file named *.gguf")
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a directory, not a .gguf file")
+        if output.exists() and not overwrite:
+            raise ValueError(f"--output {output} exists: pass --overwrite to replace it")
+        return
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -84,25 +119,46 @@ def check_merge_output(output: Path, sources: dict[str, Path], overwrite: bool) 
 
 
 def _merge(args) -> int:
-    from .lora import load_adapter, save_merged
-    from .trainer.loading import load_model
-    from .trainer.outputs import write_dir
+    from .lora import load_adapter, merge_lora, save_merged
+    from .quant import Linear4bit
+    from .trainer.loading import load_model, load_tokenizer
+    from .trainer.outputs import write_dir, write_file
 
     output, model_dir = Path(args.output), _model_dir(args)
-    check_merge_output(output, {"--model": model_dir, "--adapter": Path(args.adapter)}, args.overwrite)
-    model = load_model(model_dir, quantize=None, backend=args.kernel_backend)
+    check_merge_output(output, {"--model": model_dir, "--adapter": Path(args.adapter)}, args.overwrite, args.to)
+    trained = _trained_quantization(args.adapter)
+    quant = trained if args.base_weights == "as-trained" else None
+    model = load_model(model_dir, backend=args.kernel_backend, **_load_kwargs(quant))
+    if quant is None and any(isinstance(m, Linear4bit) for m in model.modules()):
+        what = "the dequantized weights of the 4-bit checkpoint (it has no others)"
+    elif quant is not None:
+        what = (f"the dequantized {quant['quant_type']} base (blocksize {quant['blocksize']}): the weights the "
+                "adapter was trained against, so the merged model scores as the run's test_after")
+    elif trained is not None:
+        what = (f"the original weights (the adapter was trained against the {trained['quant_type']} base: "
+                "scores may differ from the run's test_after; check with trilora eval --model OUTPUT)")
+    else:
+        what = "the original weights (the adapter was trained on them)"
     load_adapter(model, args.adapter, backend=args.kernel_backend)
-    tokenizer = None
-    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except ValueError:
+        if args.to == "gguf":
+            raise  # a GGUF file carries its tokenizer: it cannot be written without one
+        tokenizer = None
 
-    def write(path: Path) -> None:
-        save_merged(model, path, in_place=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-    write_dir(write, output)  # a temporary sibling renamed into place: complete or absent
-    print(f"merged model written to {args.output}")
+    if args.to == "gguf":
+        from .gguf_io import write_gguf
+        merge_lora(model)
+        write_file(lambda path: write_gguf(model, tokenizer, path, args.gguf_type), output)
+        what += f"; written as GGUF ({args.gguf_type})"
+    else:
+        def write(path: Path) -> None:
+            save_merged(model, path, in_place=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path)
+        write_dir(write, output)  # a temporary sibling renamed into place: complete or absent
+    print(f"merged model written to {args.output}: the adapter folded into {what}")
     return 0
 
 
@@ -111,11 +167,24 @@ def _generate(args) -> int:
 
     model, tokenizer = _load_for_inference(args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: the tokenizer of {_model_dir(args)} has no chat template")
+        # the template writes its own bos; a prompt is one user turn
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        bos = []
+    else:
+        texts = prompts
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     device = next(model.parameters()).device
-    for prompt, completion in zip(prompts, generate_completions(model, tokenizer, ids, args.max_new_tokens, device)):
-        print(f"{prompt}{completion}")
+    completions = generate_completions(model, tokenizer, ids, args.max_new_tokens, device)
+    for prompt, completion in zip(prompts, completions):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+        else:  # the completion on its own lines, so that it can be told from the prompt
+            print(f"### prompt\n{prompt}\n### completion\n{completion}\n")
     return 0
 
 
@@ -154,10 +223,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer.config import add_arguments
+    from .trainer.config import add_arguments, unescape
 
     common = _Parser(add_help=False, allow_abbrev=False)
-    common.add_argument("--debug", action="store_true", help="on an error, show the traceback too")
+    common.add_argument("--debug", action="store_true",
+                        help="on an error, show the traceback too (or set TRILORA_DEBUG=1)")
     parser = _Parser(prog="trilora", description="Fast, exact LoRA / QLoRA fine-tuning", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = {}
@@ -178,16 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LoRA / 4-bit kernels (default: auto, Triton where it runs)")
 
     def inference_args(p, adapter_required=False):
-        p.add_argument("--model", help="base model directory (default: the demo model)")
+        p.add_argument("--model", help="base model directory or .gguf file (default: the demo model)")
         p.add_argument("--adapter", required=adapter_required, help="PEFT adapter directory")
-        p.add_argument("--quantize", choices=["nf4", "fp4"], default=None, help="load the base in 4 bits")
+        p.add_argument("--quantize", choices=["nf4", "fp4", "none"], default=None,
+                       help="the base's weights: 4-bit or none (default: as the adapter was trained, "
+                            "recorded in the adapter; none without an adapter)")
         backend_arg(p)
 
     p = command("eval", help="test-set loss, perplexity, exact match or classification metrics")
     inference_args(p)
     p.add_argument("--data", required=True, help="test file (JSONL/CSV)")
-    p.add_argument("--format", default="auto", help="record format (default: detected)")
-    p.add_argument("--template", help="prompt template, as in training (default: one per format)")
+    p.add_argument("--data-format", "--format", dest="format", default="auto",
+                   help="record format, as in training (default: detected)")
+    p.add_argument("--template", type=unescape,
+                   help="prompt template, as in training (\\n, \\t read as escapes; default: one per format)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -195,16 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = command("merge", help="fold an adapter into its base and save an HF model directory")
-    p.add_argument("--model", help="base model directory (default: the demo model)")
+    p.add_argument("--model", help="base model directory or .gguf file (default: the demo model)")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    p.add_argument("--output", required=True, help="directory for the merged model (new or empty)")
+    p.add_argument("--output", required=True, help="directory for the merged model (new or empty), "
+                                                    "or a .gguf file with --to gguf")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--to", choices=["hf", "gguf"], default="hf",
+                   help="an HF model directory, or one GGUF file for llama.cpp / Ollama (default: hf)")
+    p.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0", "f32"], default="f16",
+                   help="GGUF weight type for --to gguf (norms and biases stay f32; default: f16)")
+    p.add_argument("--base-weights", choices=["as-trained", "original"], default="as-trained",
+                   help="fold into the weights the adapter was trained against (a QLoRA adapter: the "
+                        "dequantized 4-bit base) or into the original 16/32-bit weights (default: as-trained)")
     backend_arg(p)
     p.set_defaults(func=_merge)
 
     p = command("generate", help="prompts in (--prompt or stdin lines), completions out")
     inference_args(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt", action="append", type=unescape,
+                   help="a prompt (repeatable; \\n and \\t read as escapes)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn in the tokenizer's chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt: {prompt, completion}")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=_generate)
 
@@ -241,6 +327,7 @@ def _parse(argv) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Every failure is one line naming the problem (and a non-zero exit); --debug adds the traceback."""
     args = _parse(argv)
+    args.debug = args.debug or os.environ.get("TRILORA_DEBUG", "") not in ("", "0")
     from .trainer.loop import TrainingStopped
 
     try:

@@ -37,6 +37,12 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    if any(t.is_meta for t in tensors):
+        # shape-only tensors: the PyTorch reference propagates shapes, as plain torch layers do
+        if backend == "triton":
+            raise ValueError("backend='triton' cannot run on meta tensors (no data); "
+                             "use backend='torch' or 'auto' for a shape-only pass")
+        return "torch"
     on_cuda = all(t.is_cuda for t in tensors)
     runnable = HAS_TRITON and (on_cuda or interpreter_active())
     if backend == "triton":
@@ -63,6 +69,16 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(devices) > 1:
         where = ", ".join(f"{k} on {t.device}" for k, t in present.items())
         raise ValueError(f"tensors must be on one device, got {where}")
+
+
+def check_has_data(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError naming the first tensor on the meta device: a shape-only placeholder
+    (from `torch.device("meta")` or an empty-weights init) has no values to compute from."""
+    for name, t in tensors.items():
+        if t is not None and t.is_meta:
+            raise ValueError(f"{name} is on the meta device (shape {tuple(t.shape)}, no data): "
+                             "load or materialize the weights first (e.g. model.to_empty(device=...) "
+                             "then load_state_dict)")
 
 
 def arch_of(device: torch.device) -> int:

@@ -318,7 +318,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float32/float16/bfloat16 tensor")
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: shape-only pass
         dtype = torch.get_autocast_dtype(device_type)
         hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
         lm_head_bias = None if lm_head_bias is None else lm_head_bias.to(dtype)

@@ -55,8 +55,10 @@ class LoraLinear(nn.Module):
         if dims is None:
             raise TypeError(f"LoRA wraps nn.Linear, trilora Linear4bit or transformers Conv1D, "
                             f"got {type(base_layer).__name__}")
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features, self.fan_in_fan_out = dims

@@ -1,10 +1,15 @@
 """Save and load adapters in PEFT's directory format (safetensors only, never pickle).
 
     <dir>/adapter_config.json        PEFT's LoraConfig fields (`LoraConfig.to_peft_dict`)
-    <dir>/adapter_model.safetensors  metadata {"format": "pt"}; keys (prefix base_model.model.):
+    <dir>/adapter_model.safetensors  metadata {"format": "pt"[, "trilora.base_quantization": JSON]};
+                                     keys (prefix base_model.model.):
         <module>.lora_A.weight [r, in], <module>.lora_B.weight [out, r]   (fp32, as trained)
         <module>.base_layer.bias, <other>.bias                            (bias "all"/"lora_only")
         <saved module>.<param>                                            (modules_to_save)
+
+`trilora.base_quantization` records the 4-bit format of the base the adapter was trained on
+({"quant_type", "blocksize", "double_quant"}): the adapter learned against those dequantized
+weights, so `trilora merge` and `trilora eval` rebuild them by default. PEFT ignores it.
 
 The key of a tensor is its state-dict key in a trilora-adapted model with the prefix added,
 which is PEFT's key with the adapter name removed. `load_adapter` checks the whole file
@@ -28,6 +33,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+BASE_QUANTIZATION_KEY = "trilora.base_quantization"
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,18 +63,53 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in _adapter_tensors(model).items()}
 
 
+def base_quantization(model: nn.Module) -> dict | None:
+    """{"quant_type", "blocksize", "double_quant"} of the 4-bit bases under `model`'s adapters,
+    or None for a 16/32-bit base. Raises ValueError when the 4-bit bases disagree."""
+    from ..quant import Linear4bit
+
+    found = {(m.quant_type, m.blocksize, m.double_quant) for _, layer in lora_layers(model)
+             if isinstance(m := layer.base_layer, Linear4bit)}
+    if len(found) > 1:
+        raise ValueError(f"the adapted 4-bit layers use different quantization settings {sorted(found)}")
+    if not found:
+        return None
+    quant_type, blocksize, double_quant = found.pop()
+    return {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
+
+
+def adapter_base_quantization(path: str | os.PathLike) -> dict | None:
+    """The base quantization an adapter directory records (see the module docstring), or None
+    (a 16/32-bit base, or an adapter written by PEFT or an older trilora)."""
+    with open_safetensors(os.path.join(os.fspath(path), WEIGHTS_NAME)) as f:
+        text = (f.metadata() or {}).get(BASE_QUANTIZATION_KEY)
+    if text is None:
+        return None
+    try:
+        found = json.loads(text)
+        quant = {"quant_type": str(found["quant_type"]), "blocksize": int(found["blocksize"]),
+                 "double_quant": bool(found["double_quant"])}
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{path}: {WEIGHTS_NAME} metadata {BASE_QUANTIZATION_KEY} is malformed: {text!r}") from None
+    return quant
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     """Write `model`'s adapter to directory `path` in PEFT's format; returns the path.
 
     `peft.PeftModel.from_pretrained(base_model, path)` loads it (same logits as trilora).
+    The 4-bit format of the base, if any, goes into the weights file's metadata.
     """
     tensors = adapter_state_dict(model)
+    metadata = {"format": "pt"}
+    if (quant := base_quantization(model)) is not None:
+        metadata[BASE_QUANTIZATION_KEY] = json.dumps(quant)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(get_lora_config(model).to_peft_dict(), f, indent=2, sort_keys=True)
         f.write("\n")
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
     return path
 
 

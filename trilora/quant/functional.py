@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.backend import check_same_device, resolve_backend
+from ..kernels.backend import check_has_data, check_same_device, resolve_backend
 from ..kernels.codebooks import QUANT_TYPES, code_4bit, dynamic_map_signed
 from ..kernels.dequantize_4bit import dequantize_4bit_ref, dequantize_4bit_triton, restore_absmax_ref
 from ..kernels.quantize_blockwise import (quantize_4bit_ref, quantize_4bit_triton,
@@ -18,7 +18,7 @@ NESTED_BLOCKSIZE = 256
 def _check_options(quant_type: str, blocksize: int) -> None:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
@@ -42,6 +42,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         raise TypeError(f"w must be float32, float16 or bfloat16, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    check_has_data(w=w)
     _check_options(quant_type, blocksize)
     bad = (~torch.isfinite(w)).sum().item()
     if bad:

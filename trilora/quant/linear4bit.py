@@ -177,6 +177,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 6
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and not name_matches(name, skip)]
     for name, linear in targets:
+        if linear.weight.is_meta:
+            raise ValueError(f"{name}.weight is on the meta device (no data): load or materialize "
+                             "the model's weights before quantizing it")
         replace_module(model, name, Linear4bit.from_linear(linear, quant_type, blocksize, double_quant,
                                                            compute_dtype, backend))
     return model

@@ -40,6 +40,18 @@ class QuantState:
     offset: torch.Tensor | None = None
     nested_blocksize: int = 256
 
+    def __post_init__(self):
+        # A NaN/Inf scale would turn a whole block of weights into NaN on every dequantize:
+        # refuse it once here rather than pay a device sync on every forward.
+        for name in ("absmax", "code", "nested_absmax", "nested_code", "offset"):
+            t = getattr(self, name)
+            if t is None or not isinstance(t, torch.Tensor) or t.is_meta or not t.is_floating_point():
+                continue
+            bad = (~torch.isfinite(t)).sum().item()
+            if bad:
+                raise ValueError(f"quant state {name} holds {bad} NaN/Inf value(s) of {t.numel()}; "
+                                 "the weights it scales would be NaN")
+
     @property
     def nested(self) -> bool:
         return self.nested_absmax is not None

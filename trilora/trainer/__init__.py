@@ -16,6 +16,7 @@ from .data_tokenize import (
     IGNORE_INDEX,
     TokenizationReport,
     TokenizedDataset,
+    prompt_ids,
     render_prompt_completion,
     tokenize_records,
 )
@@ -30,5 +31,5 @@ __all__ = [
     "collate_padded", "pack_examples", "packed_attention_mask",
     "Splits", "iter_mixture", "load_splits", "mix", "split", "stages",
     "DEFAULT_TEMPLATES", "IGNORE_INDEX", "TokenizationReport", "TokenizedDataset",
-    "render_prompt_completion", "tokenize_records",
+    "prompt_ids", "render_prompt_completion", "tokenize_records",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,15 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # what to train
-    model: str | None = _f(None, "local HF model directory; default: the embedded demo model")
+    model: str | None = _f(None, "local HF model directory or .gguf file; default: the embedded demo model")
     method: str = _f("qlora", "full, lora, or qlora (NF4 base + trilora's LoRA layer)")
     data: list[str] | None = _f(None, "training data files (JSONL/CSV); several = multi-task mix. "
                                       "Default: the embedded demo task", nargs="+")
     mix_weights: list[float] | None = _f(None, "sampling weight per --data file (multi-task)", nargs="+")
     data_format: str = _f("auto", "auto, alpaca, prompt_completion, chat, text, or classification")
     template: str | None = _f(None, "prompt template over the record's fields, e.g. 'Q: {question}\\nA:' "
-                                    "(default: one per format)")
+                                    "(\\n, \\t and \\\\ are read as escapes; default: one per format)",
+                              parse="escapes")
     val_data: str | None = _f(None, "validation file (default: split from --data)")
     test_data: str | None = _f(None, "test file (default: split from --data)")
     split: list[float] = _f((0.8, 0.1, 0.1), "train, validation[, test] ratios (summing to 1) when "
@@ -72,6 +74,9 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N steps (0: only the final adapter)")
     patience: int = _f(0, "stop after N validations without improvement (0: off)")
     eval_max_new_tokens: int = _f(32, "generation length for exact-match evaluation")
+    eval_original_base: bool = _f(False, "qlora: also score the adapter on the original 16/32-bit weights "
+                                         "(what `trilora merge --base-weights original` deploys; loads the "
+                                         "model once more at the end)")
     log_every: int = _f(1, "write metrics every N steps")
     seed: int = _f(0, "seed of data order, initialisation and dropout")
     resume: bool = _f(False, "continue the unfinished run in --output-dir from its newest complete checkpoint")
@@ -172,6 +177,12 @@ def closest_setting(name: str, known) -> str | None:
     return close[0] if close else None
 
 
+def unescape(text: str) -> str:
+    r"""`\n`, `\t` and `\\` in a command-line value as newline, tab and backslash: a shell
+    passes 'Q: {q}\nA:' with a literal backslash-n, which no user means in a prompt."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 def _kind(f) -> tuple[type, bool]:
     """(element type, is a list) of a TrainConfig field, from its annotation string."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -191,6 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         default = f.default if not isinstance(f.default, tuple) else " ".join(map(str, f.default))
         text = f.metadata["help"] if "default:" in f.metadata["help"] else f"{f.metadata['help']} (default: {default})"
+        if f.metadata.get("parse") == "escapes":
+            cast = unescape
         parser.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, type=cast,
                             nargs=f.metadata.get("nargs"), default=None, help=text.replace("%", "%%"))
 

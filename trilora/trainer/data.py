@@ -10,11 +10,17 @@ with `format=`:
     "classification"    text, label                (label: str, int, float or bool -> str)
     "text"              text                       (every token is in the loss)
 
-Cleaning strips whitespace from every string, then drops three kinds of record and counts
-them in a `CleaningReport`: malformed ones (bad JSON, wrong types, missing required
-columns; kept with their line numbers), empty ones (a required field blank after
-stripping) and exact duplicates of an earlier record. A dataset that turns out unusable
-raises instead of silently training on nothing.
+Cleaning never rewrites a record's text: a prompt is the user's bytes (a chat-rendered
+prompt ends in "assistant\n", and dropping that newline changes what the model sees). It
+only drops records, and counts them in a `CleaningReport`: malformed ones (bad JSON, wrong
+types, missing required columns, text that is not UTF-8, a number too long to read, a line
+nested too deeply, a NaN/Infinity label; kept with their line numbers), empty ones (a
+required field blank or whitespace only) and duplicates of an earlier record (equal once
+whitespace at the ends of each string is ignored). Classification labels are class names,
+compared without surrounding whitespace. Every file kind treats a bad record the same way:
+it costs that record, never the whole file. A dataset that turns out unusable, or a file
+that mixes two record formats, raises instead of silently training on nothing or on half of
+it.
 
 Tokenization (`data_tokenize`), splitting and mixing (`data_mix`) and batching
 (`data_batch`) live in their own modules.
@@ -22,8 +28,11 @@ Tokenization (`data_tokenize`), splitting and mixing (`data_mix`) and batching
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,9 +54,9 @@ _MAX_REASONS_IN_ERROR = 5
 class Record:
     """One cleaned example.
 
-    data:   the record's fields after cleaning (strings stripped; alpaca's missing `input`
-            filled with ""; a classification label turned into a string). Extra columns are
-            kept so that a custom prompt template may use them.
+    data:   the record's fields exactly as read, except: alpaca's missing `input` filled with
+            "", a classification label turned into a string without surrounding whitespace.
+            Extra columns are kept so that a custom prompt template may use them.
     format: one of `FORMATS`.
     where:  where it came from, for error messages: "train.jsonl:12" or "records[3]".
     """
@@ -116,7 +125,7 @@ def load_records(source: str | os.PathLike | Sequence[dict], format: str | None 
         unit, rows = _read_file(name)
     else:
         name, unit = "records", "item"
-        rows = [(i, row, None) for i, row in enumerate(source)]
+        rows = [(i, *_checked(row)) for i, row in enumerate(source)]
 
     report = CleaningReport(source=name, unit=unit)
     parsed: list[tuple[int, dict]] = []
@@ -135,6 +144,8 @@ def load_records(source: str | os.PathLike | Sequence[dict], format: str | None 
         raise ValueError(f"{name} contains no records")
 
     report.format = format or _detect_format(name, [row for _, row in parsed])
+    if format is None:
+        _refuse_mixed_formats(name, unit, report.format, parsed)
     _check_columns_exist(name, report.format, [row for _, row in parsed])
 
     records, seen = [], set()
@@ -148,7 +159,7 @@ def load_records(source: str | os.PathLike | Sequence[dict], format: str | None 
         if is_empty:
             report.empty_at.append(number)
             continue
-        key = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
+        key = json.dumps(_stripped(data), sort_keys=True, ensure_ascii=False, default=str)
         if key in seen:
             report.duplicate_at.append(number)
             continue
@@ -189,19 +200,26 @@ def _read_file(path: str) -> tuple[str, list[tuple[int, Any, str | None]]]:
     if kind == "jsonl":
         with open(path, "rb") as f:
             return "line", list(_parse_jsonl(f))
+    with open(path, "rb") as f:
+        raw = f.read()
+    # Undecodable bytes become lone surrogates, so that they cost the record that holds them
+    # (found by `_unreadable`), as in JSONL, instead of refusing the whole file.
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     if kind == "json":
-        with open(path, encoding="utf-8") as f:
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON ({exc}); "
-                                 "a .json file must hold one array of records") from exc
+        try:
+            items = _loads(text)
+        except RecursionError:
+            raise ValueError(f"{path} is nested too deeply to parse; "
+                             "a .json file must hold one array of records") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); "
+                             "a .json file must hold one array of records") from None
         if not isinstance(items, list):
             raise ValueError(f"{path} must hold a JSON array of records, "
                              f"got {type(items).__name__}")
-        return "item", [(i, item, None) for i, item in enumerate(items)]
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return "line", list(_parse_csv(f, delimiter="\t" if kind == "tsv" else ","))
+        return "item", [(i, *_checked(item)) for i, item in enumerate(items)]
+    lines = io.StringIO(text, newline="")
+    return "line", list(_parse_csv(lines, delimiter="\t" if kind == "tsv" else ","))
 
 
 def _parse_jsonl(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
@@ -216,9 +234,55 @@ def _parse_jsonl(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]
             yield number, None, None
             continue
         try:
-            yield number, json.loads(line), None
+            row = _loads(line)
         except json.JSONDecodeError as exc:
             yield number, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+        except RecursionError:
+            yield number, None, "nested too deeply to parse"
+        else:
+            yield number, *_checked(row)
+
+
+class _LongNumber(str):
+    """An integer literal with more digits than Python converts (sys.get_int_max_str_digits)."""
+
+
+def _parse_int(literal: str) -> int | _LongNumber:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(literal.lstrip("-")) > limit:
+        return _LongNumber(literal)
+    return int(literal)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_int=_parse_int)
+
+
+def _unreadable(value: Any) -> str | None:
+    """Why a parsed row cannot be used as text, or None: a string with undecodable bytes (or
+    a lone surrogate escape), or an integer too long to read. Iterative: rows may be deep."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _LongNumber):
+            return f"a number with {len(item.lstrip('-'))} digits (more than Python reads)"
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "not valid UTF-8"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _checked(row: Any) -> tuple[Any, str | None]:
+    """(row, None), or (None, reason) for a row `_unreadable` refuses."""
+    reason = _unreadable(row)
+    return (None, reason) if reason else (row, None)
 
 
 # Sentinels DictReader puts in a row with too many / too few cells (no real column has them).
@@ -241,8 +305,7 @@ def _parse_csv(f, delimiter: str) -> Iterator[tuple[int, Any, str | None]]:
         elif _EXTRA in row or _MISSING in row.values():
             yield number, None, f"expected {len(reader.fieldnames)} columns, got a different count"
         else:
-            yield number, row, None
-
+            yield number, *_checked(row)
 
 
 # --------------------------------------------------------------------------- formats
@@ -269,6 +332,35 @@ def _detect_format(name: str, rows: list[dict]) -> str:
     return best
 
 
+def _refuse_mixed_formats(name: str, unit: str, fmt: str, rows: list[tuple[int, dict]]) -> None:
+    """Raise when some rows lack `fmt`'s keys but are complete records of another format.
+
+    Cleaning would drop them as malformed: half of a file that mixes two schemas would vanish
+    behind a count. A format whose keys are a subset of `fmt`'s (a text row in a
+    classification file) is a record missing a column, not another schema.
+    """
+    if fmt == "?":
+        return
+    required = set(FORMATS[fmt][0])
+    others: dict[str, list[int]] = {}
+    for number, row in rows:
+        if required <= row.keys():
+            continue
+        for other, (keys, _) in FORMATS.items():
+            if other != fmt and not set(keys) <= required and set(keys) <= row.keys():
+                others.setdefault(other, []).append(number)
+                break
+    if others:
+        first = {fmt: next(n for n, row in rows if required <= row.keys())}
+        counts = {fmt: sum(required <= row.keys() for _, row in rows)}
+        for other, numbers in others.items():
+            first[other], counts[other] = numbers[0], len(numbers)
+        what = ", ".join(f"{counts[f]} {f} (first at {unit} {first[f]})" for f in counts)
+        raise ValueError(f"{name} mixes record formats: {what}; put each format in its own "
+                         f"file, or force one format (--data-format / format=) to keep only "
+                         f"its records and drop the others as malformed")
+
+
 def _check_columns_exist(name: str, fmt: str, rows: list[dict]) -> None:
     """A required column missing from every record is a wrong file or format, not bad rows."""
     if fmt == "?" or not rows:
@@ -278,9 +370,6 @@ def _check_columns_exist(name: str, fmt: str, rows: list[dict]) -> None:
             seen = sorted({k for row in rows for k in row})
             raise ValueError(f"required column {key!r} of format {fmt!r} is missing from every "
                              f"record of {name} (columns found: {seen})")
-
-
-_GENERATED = ("output", "completion")  # the fields a model is trained to generate
 
 
 class _Malformed(ValueError):
@@ -298,6 +387,8 @@ def _normalize(row: dict, fmt: str) -> tuple[dict[str, Any], bool]:
         if key == "messages":
             data[key] = _normalize_messages(value)
         elif key == "label" and fmt == "classification":
+            if isinstance(value, float) and not math.isfinite(value):
+                raise _Malformed(f"label is {value!r}, not a class")
             if isinstance(value, (bool, int, float)):
                 value = str(value)
             if not isinstance(value, str):
@@ -309,11 +400,9 @@ def _normalize(row: dict, fmt: str) -> tuple[dict[str, Any], bool]:
                 value = ""
             if not isinstance(value, str):
                 raise _Malformed(f"column {key!r} must be a string, got {type(value).__name__}")
-            # a completion keeps its leading whitespace: it is text the model must generate
-            # (" Paris" and "Paris" are different tokens in BPE vocabularies); blank is blank
-            data[key] = value.rstrip() if key in _GENERATED and value.strip() else value.strip()
+            data[key] = value
         else:
-            data[key] = value.strip() if isinstance(value, str) else value
+            data[key] = value
     for key in optional:
         data.setdefault(key, "")
 
@@ -321,8 +410,19 @@ def _normalize(row: dict, fmt: str) -> tuple[dict[str, Any], bool]:
         assistant = [m["content"] for m in data["messages"] if m["role"] == "assistant"]
         if data["messages"] and not assistant:
             raise _Malformed("chat record has no assistant turn")
-        return data, not any(assistant)
-    return data, any(data[key] == "" for key in required)
+        return data, not any(text.strip() for text in assistant)
+    return data, any(not data[key].strip() for key in required)
+
+
+def _stripped(value: Any) -> Any:
+    """`value` with whitespace at the ends of every string removed: the duplicate key."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict):
+        return {k: _stripped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_stripped(v) for v in value]
+    return value
 
 
 def _normalize_messages(value: Any) -> list[dict[str, str]]:
@@ -340,5 +440,5 @@ def _normalize_messages(value: Any) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
             raise _Malformed(f"messages[{i}] needs string 'role' and 'content'")
-        messages.append({**message, "role": role.strip(), "content": content.strip()})
+        messages.append({**message, "role": role.strip(), "content": content})
     return messages

@@ -97,6 +97,28 @@ def render_prompt_completion(record: Record, template: str | None = None) -> tup
     return _fill(template, record), record.data[_COMPLETION_FIELD[record.format]]
 
 
+def prompt_ids(record: Record, tokenizer, template: str | None = None,
+               add_bos: bool = True) -> tuple[list[int], str]:
+    """(prompt token ids, reference completion) of a record, for generation.
+
+    The ids are exactly the tokens `tokenize_records` puts before the trained completion (the
+    same segments, tokenized the same way), so a model is evaluated on the prompt it was
+    trained on. For chat, the prompt is every turn before the last assistant turn plus the
+    generation prompt, and the reference that turn's content.
+    """
+    if record.format == "chat":
+        segments = _chat_segments(record, tokenizer, "last")[:-1]
+        reference = [m for m in record.data["messages"] if m["role"] == "assistant"][-1]["content"]
+        bos = []
+    else:
+        prompt, reference = render_prompt_completion(record, template)
+        segments = [(prompt, False)] if prompt else []
+        bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    texts = [text for text, _ in segments]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return bos + [i for piece in encoded for i in piece], reference
+
+
 def tokenize_records(records: Sequence[Record], tokenizer, max_length: int, *,
                      template: str | None = None, chat_masking: str = "last",
                      add_bos: bool = True, verbose: bool = False
@@ -181,7 +203,14 @@ def _fill(template: str, record: Record) -> str:
         if base not in record.data:
             raise ValueError(f"prompt template field {{{base}}} is missing in record "
                              f"{record.where} (its fields: {', '.join(sorted(record.data))})")
-    return template.format_map(record.data)
+    try:
+        return template.format_map(record.data)
+    except (IndexError, KeyError, AttributeError, TypeError, ValueError) as exc:
+        # `{prompt[999]}`, `{label.x}`, `{prompt:d}`: the field exists but the template's
+        # index, attribute or format spec does not apply to this record's value
+        why = str(exc) or type(exc).__name__
+        raise ValueError(f"prompt template {template!r} does not apply to record "
+                         f"{record.where}: {type(exc).__name__}: {why}") from None
 
 
 def _segments(record: Record, tokenizer, template: str | None,

@@ -18,6 +18,7 @@ import torch.nn as nn
 from accelerate import init_empty_weights
 
 from ..files import open_safetensors
+from ..gguf_io import is_gguf, load_gguf, load_gguf_tokenizer
 from ..modules import name_matches, replace_module
 from ..quant import Linear4bit
 
@@ -40,8 +41,13 @@ def _shards(path: Path) -> list[Path]:
 
 def check_model_dir(path: str | Path) -> list[Path]:
     """The safetensors shards of model directory `path`; FileNotFoundError / ValueError naming
-    what is missing (the directory, config.json, the weights) before anything is loaded."""
+    what is missing (the directory, config.json, the weights) before anything is loaded.
+    A `.gguf` file only has to exist (it has no shards)."""
     path = Path(path)
+    if is_gguf(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return []
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     if not (path / "config.json").exists():
@@ -91,11 +97,25 @@ def _expect_shape(linear: nn.Module, weight: torch.Tensor, where: str) -> None:
                          f"{list(want)}: do the checkpoint and its config.json match?")
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model directory or `.gguf` file; ValueError naming the path."""
+    from transformers import AutoTokenizer
+
+    if is_gguf(path):
+        return load_gguf_tokenizer(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot load its tokenizer: {err}") from None
+
+
 def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtype | None = None,
                double_quant: bool = True, blocksize: int = 64, skip=("lm_head",),
                device: str | torch.device | None = None, trust_remote_code: bool = False,
                model_class=None, backend: str = "auto") -> nn.Module:
-    """Load a local HF model directory (config.json + safetensors shards).
+    """Load a local HF model directory (config.json + safetensors shards) or a `.gguf` file
+    (through transformers' GGUF reader, dequantized to `dtype`, then quantized like any other
+    checkpoint if `quantize` says so).
 
     Args:
         quantize: "nf4", "fp4" or None (keep 16/32-bit). A pre-quantized bitsandbytes 4-bit
@@ -116,6 +136,8 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if is_gguf(path):
+        return _load_gguf_model(path, quantize, dtype, double_quant, blocksize, skip, device, backend)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     quant_type, double_quant, skip, prequantized = _quant_settings(config, quantize, double_quant, skip)
     if prequantized:
@@ -167,6 +189,20 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
     if unused:
         warnings.warn(f"{path}: {len(unused)} checkpoint tensors match no parameter, e.g. {unused[:3]}")
+    return model.eval()
+
+
+def _load_gguf_model(path, quantize, dtype, double_quant, blocksize, skip, device, backend) -> nn.Module:
+    """A GGUF model: the whole file dequantized once (transformers' reader), checked, then
+    quantized layer by layer where asked."""
+    from ..quant import quantize_model
+
+    model = load_gguf(path, dtype)
+    for name, tensor in model.state_dict().items():
+        _finite(tensor, f"{path.name}: {name}")
+    model.to(device)
+    if quantize:
+        quantize_model(model, quantize, blocksize, double_quant, skip=tuple(skip), backend=backend)
     return model.eval()
 
 

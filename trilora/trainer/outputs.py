@@ -157,6 +157,22 @@ def write_dir(write: Callable[[Path], None], path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def write_file(write: Callable[[Path], None], path: Path) -> None:
+    """write(file) to a temporary sibling, then rename it into place: `path` is complete or
+    keeps what it held before (the temporary is removed if write fails)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
 def write_text(path: Path, text: str) -> None:
     """`path` holds `text` completely, or keeps what it held before."""
     path = Path(path)

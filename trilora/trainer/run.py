@@ -24,9 +24,9 @@ from .config import TrainConfig
 from .data import label_set
 from .data_batch import BatchIterator
 from .data_mix import Splits, load_splits, mix, stages
-from .data_tokenize import render_prompt_completion, tokenize_records
+from .data_tokenize import prompt_ids, tokenize_records
 from .evaluate import classification_metrics, evaluate_loss, exact_match, generate_completions
-from .loading import check_model_dir, load_model
+from .loading import check_model_dir, load_model, load_tokenizer
 from .loop import NonFiniteError, Trainer, resume_point
 from .outputs import RunLock, claim, write_dir, write_json
 
@@ -187,18 +187,6 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _prompt_and_reference(record, tokenizer, template=None) -> tuple[list[int], str]:
-    if record.format == "chat":
-        messages = record.data["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        ids = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        return list(ids), messages[last]["content"]
-    prompt, reference = render_prompt_completion(record, template)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"], reference
-
-
 def primary_metric_name(records) -> tuple[str, bool]:
     """(metric, higher_is_better) for the records' format."""
     fmt = records[0].format
@@ -217,7 +205,7 @@ def evaluate_split(model, tokenizer, records, config: TrainConfig, device, autoc
     if metric == "perplexity":
         return result
     sample = records[:MAX_EVAL_GENERATIONS]
-    prompts, references = zip(*(_prompt_and_reference(r, tokenizer, config.template) for r in sample))
+    prompts, references = zip(*(prompt_ids(r, tokenizer, config.template) for r in sample))
     # the length budget holds for generation too: a prompt keeps its last tokens (those next to
     # the answer) so that prompt + answer fit --max-length
     budget = max(1, config.max_length - config.eval_max_new_tokens)
@@ -268,17 +256,13 @@ def _owned(out: Path, config: TrainConfig):
 
 
 def _train(config: TrainConfig, out: Path) -> dict:
-    from transformers import AutoTokenizer
 
     seed_everything(config.seed)
     device, dtype = resolve_device_and_dtype(config)
     autocast_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
     model_dir = Path(config.model) if config.model else DEMO_DIR / "assets"
     check_model_dir(model_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{model_dir}: cannot load its tokenizer: {err}") from None
+    tokenizer = load_tokenizer(model_dir)
 
     splits = prepare_records(config)
     if not splits.test:
@@ -328,6 +312,10 @@ def _train(config: TrainConfig, out: Path) -> dict:
             write_dir(write_model, final_dir)
         else:
             write_dir(write, final_dir)
+        original = None
+        if config.method == "qlora" and config.eval_original_base:
+            original = _score_on_original_base(config, model_dir, final_dir, tokenizer, splits.test,
+                                               device, dtype, autocast_dtype, labels)
         tokens_per_s = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
         summary = {
             "method": config.method, "steps": result["steps"], "resumed": resumed,
@@ -335,6 +323,8 @@ def _train(config: TrainConfig, out: Path) -> dict:
             "best_val_loss": None if result["best"]["val_loss"] == float("inf") else result["best"]["val_loss"],
             "primary_metric": metric, "higher_is_better": higher,
             "test_before": _public(before, metric), "test_after": _public(after, metric),
+            "test_after_weights": _scored_weights(config),
+            "test_after_original_base": None if original is None else _public(original, metric),
             "adapter_dir": str(final_dir) if config.method != "full" else None,
             "model_dir": str(final_dir) if config.method == "full" else None,
             "counts": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
@@ -349,9 +339,35 @@ def _train(config: TrainConfig, out: Path) -> dict:
         print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
               f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; {final_dir.name}/ holds the weights of "
               f"{which}; written to {out}")
+        if config.method == "qlora":
+            print(f"these scores are the adapter's on the {config.quant_type} base it was trained against, "
+                  "which `trilora merge` deploys by default (into the dequantized base)"
+                  + ("" if original is None else
+                     f"; on the original weights: test {metric} {original[metric]:.4f}, loss {original['loss']:.4f}"
+                     " (`trilora merge --base-weights original`)"))
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _scored_weights(config: TrainConfig) -> str:
+    """Which weights test_after scores: what a user deploys to get that score."""
+    if config.method == "qlora":
+        return (f"the adapter on the {config.quant_type}-quantized base (as trained); `trilora merge` folds it "
+                "into the dequantized base by default, which scores the same up to rounding")
+    return "the fine-tuned model" if config.method == "full" else "the adapter on the original weights"
+
+
+def _score_on_original_base(config, model_dir, adapter_dir, tokenizer, records, device, dtype, autocast_dtype,
+                            labels) -> dict:
+    """Test scores of the QLoRA adapter on the original 16/32-bit weights."""
+    print("evaluating the adapter on the original (unquantized) weights ...", flush=True)
+    base = load_model(model_dir, quantize=None, dtype=dtype, device=device, backend=config.kernel_backend)
+    load_adapter(base, adapter_dir, backend=config.kernel_backend)
+    try:
+        return evaluate_split(base.eval(), tokenizer, records, config, device, autocast_dtype, labels)
+    finally:
+        del base
 
 
 def _public(result: dict, metric: str) -> dict:

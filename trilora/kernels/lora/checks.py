@@ -122,6 +122,8 @@ def check_frozen(*weights: torch.Tensor) -> None:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype float inputs are cast to under torch.autocast on `device_type`, or None."""
+    if device_type == "meta":  # a shape-only pass: autocast has no meta device
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
