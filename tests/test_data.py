@@ -226,9 +226,11 @@ def test_load_splits_from_one_file_or_one_file_per_split(tmp_path):
     assert splits.counts == {"train": 10, "validation": 5, "test": 5}
     assert reports["train"].kept == 20
     val = write_jsonl(tmp_path / "val.jsonl", rows[:3])
-    splits, reports = load_splits(path, validation=val)
-    assert splits.counts == {"train": 20, "validation": 3, "test": 0}
+    splits, reports = load_splits(path, validation=val)  # the test split is carved by its share
+    assert splits.counts == {"train": 18, "validation": 3, "test": 2}
     assert set(reports) == {"train", "validation"}
+    splits, _ = load_splits(path, validation=val, test=val, ratios=(0.5, 0.25, 0.25))
+    assert splits.counts == {"train": 20, "validation": 3, "test": 3}
 
 
 # --------------------------------------------------------------------------- mixing
@@ -366,3 +368,29 @@ def test_file_mixing_two_record_formats_is_refused_not_half_dropped(tmp_path):
     # a classification row without its label is a missing column, not a second schema
     records, report = load_records([{"text": "a", "label": "x"}, {"text": "b"}])
     assert report.format == "classification" and report.malformed == [(1, "missing required column 'label'")]
+
+
+def test_json_in_a_csv_cell_costs_its_record_not_the_file(tmp_path):
+    """A messages / tokens cell's JSON is held to a JSONL line's rules: overlong numbers,
+    escaped lone surrogates and deep nesting cost the record, they do not crash the load."""
+    def cell(value):
+        return '"' + value.replace('"', '""') + '"'
+
+    good = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    bad = {"overlong": '[{"role": "user", "content": ' + "9" * 5000 + "}]",
+           "surrogate": '[{"role": "user", "content": "\\udc80"}]',
+           "deep": "[" * 50_000 + "]" * 50_000}
+    path = tmp_path / "m.csv"
+    path.write_text("messages\n" + "\n".join(cell(v) for v in [good, *bad.values()]) + "\n")
+    records, report = load_records(path)
+    assert len(records) == 1
+    assert report.malformed == [
+        (3, "column 'messages': a number with 5000 digits (more than Python reads)"),
+        (4, "column 'messages': not valid UTF-8"),
+        (5, "column 'messages' is nested too deeply to parse")]
+    path = tmp_path / "t.csv"
+    path.write_text('tokens,tags\n"[""a""]","[""O""]"\n"[""\\udc80""]","[""O""]"\n')
+    records, report = load_records(path)
+    assert records[0].data == {"tokens": ["a"], "tags": ["O"]}
+    assert report.format == "tagging"
+    assert report.malformed == [(3, "column 'tokens': not valid UTF-8")]

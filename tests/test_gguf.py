@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from _trainer_helpers import demo_data, fast_args, run_cli
+from _trainer_helpers import fast_args, run_cli
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 

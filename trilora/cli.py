@@ -40,13 +40,40 @@ def _trained_quantization(adapter) -> dict | None:
     return adapter_base_quantization(adapter) if adapter else None
 
 
+def _task_of(model_dir: Path, adapter, tokenizer) -> tuple[str, dict | None]:
+    """(task, head config) of what is loaded: an adapter's PEFT task type and recorded classes,
+    or a saved model's architecture (a fine-tuned classifier's config.json has its labels)."""
+    from .gguf_io import is_gguf
+    from .trainer.tasks import TASK_OF_PEFT_TYPE, head_config, task_of_model
+
+    if adapter:
+        from .lora import adapter_labels, read_adapter
+        config, _ = read_adapter(adapter)
+        task = TASK_OF_PEFT_TYPE.get(config.task_type, "generate")
+        labels = adapter_labels(adapter)
+        if task != "generate" and not labels:
+            raise ValueError(f"{adapter}: a {config.task_type} adapter without its classes (saved by PEFT?): "
+                             "trilora needs them to rebuild the head")
+        return task, head_config(labels, tokenizer) if task != "generate" else None
+    if is_gguf(model_dir):
+        return "generate", None
+    from transformers import AutoConfig
+    return task_of_model(AutoConfig.from_pretrained(model_dir)) or "generate", None
+
+
 def _load_for_inference(args):
     """The base as the adapter was trained on it (its 4-bit format, recorded in the adapter),
-    unless --quantize says otherwise; the adapter on top."""
+    unless --quantize says otherwise; the adapter on top; the task's model class. Returns
+    (model, tokenizer, task)."""
     from .lora import load_adapter
     from .trainer.loading import load_model, load_tokenizer
+    from .trainer.tasks import model_class
 
     model_dir = _model_dir(args)
+    tokenizer = load_tokenizer(model_dir)
+    task, head = _task_of(model_dir, args.adapter, tokenizer)
+    if task == "tag":
+        tokenizer = load_tokenizer(model_dir, pre_split_words=True)
     trained = _trained_quantization(args.adapter)
     if args.quantize is None and trained is not None:
         print(f"--quantize not given: the base is quantized to {trained['quant_type']} (blocksize "
@@ -58,10 +85,11 @@ def _load_for_inference(args):
     else:
         quant = {"quant_type": args.quantize, **({k: trained[k] for k in ("blocksize", "double_quant")}
                                                  if trained and trained["quant_type"] == args.quantize else {})}
-    model = load_model(model_dir, backend=args.kernel_backend, **_load_kwargs(quant))
+    model = load_model(model_dir, backend=args.kernel_backend, model_class=model_class(task), head=head,
+                       **_load_kwargs(quant))
     if args.adapter:
         load_adapter(model, args.adapter, backend=args.kernel_backend)
-    return model.eval(), load_tokenizer(model_dir)
+    return model.eval(), tokenizer, task
 
 
 def _load_kwargs(quant: dict | None) -> dict:
@@ -78,14 +106,15 @@ def _eval(args) -> int:
     from .trainer.data import label_set, load_records
     from .trainer.run import evaluate_split
 
-    model, tokenizer = _load_for_inference(args)
+    model, tokenizer, task = _load_for_inference(args)
     records, report = load_records(args.data, None if args.format == "auto" else args.format)
     print(report)
     config = TrainConfig(max_length=args.max_length, batch_size=args.batch_size,
                          eval_max_new_tokens=args.max_new_tokens, template=args.template)
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    result = evaluate_split(model, tokenizer, records, config, device, autocast, label_set(records) or None)
+    labels = (label_set(records) or None) if task == "generate" else None
+    result = evaluate_split(model, tokenizer, records, config, device, autocast, labels, task)
     text = json.dumps(result, indent=2)
     if args.output:
         from .trainer.outputs import write_text
@@ -124,11 +153,24 @@ def _merge(args) -> int:
     from .trainer.loading import load_model, load_tokenizer
     from .trainer.outputs import write_dir, write_file
 
+    from .trainer.tasks import model_class
+
     output, model_dir = Path(args.output), _model_dir(args)
     check_merge_output(output, {"--model": model_dir, "--adapter": Path(args.adapter)}, args.overwrite, args.to)
     trained = _trained_quantization(args.adapter)
     quant = trained if args.base_weights == "as-trained" else None
-    model = load_model(model_dir, backend=args.kernel_backend, **_load_kwargs(quant))
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except ValueError:
+        if args.to == "gguf":
+            raise  # a GGUF file carries its tokenizer: it cannot be written without one
+        tokenizer = None
+    task, head = _task_of(model_dir, args.adapter, tokenizer)
+    if task != "generate" and args.to == "gguf":
+        raise ValueError(f"--to gguf writes causal LMs for llama.cpp; this adapter is a {task} model: merge "
+                         "it to an HF directory (--to hf)")
+    model = load_model(model_dir, backend=args.kernel_backend, model_class=model_class(task), head=head,
+                       **_load_kwargs(quant))
     if quant is None and any(isinstance(m, Linear4bit) for m in model.modules()):
         what = "the dequantized weights of the 4-bit checkpoint (it has no others)"
     elif quant is not None:
@@ -140,13 +182,6 @@ def _merge(args) -> int:
     else:
         what = "the original weights (the adapter was trained on them)"
     load_adapter(model, args.adapter, backend=args.kernel_backend)
-    try:
-        tokenizer = load_tokenizer(model_dir)
-    except ValueError:
-        if args.to == "gguf":
-            raise  # a GGUF file carries its tokenizer: it cannot be written without one
-        tokenizer = None
-
     if args.to == "gguf":
         from .gguf_io import write_gguf
         merge_lora(model)
@@ -162,11 +197,17 @@ def _merge(args) -> int:
     return 0
 
 
+def _inputs(args) -> list[str]:
+    return args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
 def _generate(args) -> int:
     from .trainer.evaluate import generate_completions
 
-    model, tokenizer = _load_for_inference(args)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    model, tokenizer, task = _load_for_inference(args)
+    if task != "generate":
+        return _print_predictions(model, tokenizer, task, _inputs(args), args.json)
+    prompts = _inputs(args)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"--chat: the tokenizer of {_model_dir(args)} has no chat template")
@@ -185,6 +226,31 @@ def _generate(args) -> int:
             print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
         else:  # the completion on its own lines, so that it can be told from the prompt
             print(f"### prompt\n{prompt}\n### completion\n{completion}\n")
+    return 0
+
+
+def _predict(args) -> int:
+    model, tokenizer, task = _load_for_inference(args)
+    if task == "generate":
+        raise ValueError("predict runs classification and tagging models (a SEQ_CLS / TOKEN_CLS adapter, or a "
+                         "fine-tuned classifier); this is a causal LM: use trilora generate")
+    return _print_predictions(model, tokenizer, task, _inputs(args), args.json)
+
+
+def _print_predictions(model, tokenizer, task: str, texts: list[str], as_json: bool) -> int:
+    """classify: the label and every class's probability; tag: the entities (words split on
+    whitespace) and each word's tag."""
+    from .trainer.tasks import predict_texts
+
+    for text, found in zip(texts, predict_texts(model, tokenizer, task, texts)):
+        if as_json:
+            print(json.dumps({"text": text, **found}, ensure_ascii=False))
+        elif task == "classify":
+            probs = ", ".join(f"{label} {p:.3f}" for label, p in found["probabilities"].items())
+            print(f"{found['label']}\t{text}\t({probs})")
+        else:
+            entities = "; ".join(f"{e['type']}: {e['text']}" for e in found["entities"]) or "no entities"
+            print(f"{text}\t-> {entities}")
     return 0
 
 
@@ -293,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: {prompt, completion}")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=_generate)
+
+    p = command("predict", help="classification / tagging models: label and probabilities, or entities, per input")
+    inference_args(p)
+    p.add_argument("--prompt", "--text", dest="prompt", action="append", type=unescape,
+                   help="an input text (repeatable; default: one per stdin line)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p.set_defaults(func=_predict)
 
     p = command("bench", help="run the benchmark suite (GPU; --smoke checks the harness on CPU)",
                        description="Runs the scripts in the source checkout's bench/ folder and appends "

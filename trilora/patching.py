@@ -95,8 +95,10 @@ def _kind_of_unknown(module: nn.Module) -> str | None:
     name = type(module).__name__
     if isinstance(module, (RMSNorm, TriloraMLP, TriloraAttention)):
         return None  # patched before
-    if name.endswith(("RMSNorm", "LayerNorm")):
+    if name.endswith("RMSNorm"):
         return "rms_norm"
+    if name.endswith("LayerNorm"):
+        return "layer_norm"  # trilora fuses RMSNorm only: reported as what it is
     if name.endswith("MLP"):
         return "mlp"
     if name.endswith(("Attention", "SdpaAttention", "FlashAttention2")):

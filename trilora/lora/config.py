@@ -15,8 +15,10 @@ TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTI
 # init_lora_weights values we implement. PEFT's other schemes (pissa, olora, loftq, corda, eva…)
 # rewrite the base weights or need data, so an adapter trained with them is not a plain LoRA delta.
 INIT_SCHEMES = (True, False, "gaussian")
-# PEFT adds these to modules_to_save for SEQ_CLS models (the randomly initialised head must train).
+# PEFT adds these to modules_to_save for SEQ_CLS and TOKEN_CLS models (the randomly initialised
+# head must train and be saved).
 SEQ_CLS_HEADS = ("classifier", "score")
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 # PEFT's default target_modules per model_type (peft.utils.constants), for the architectures
 # trilora is tested on. Others must name target_modules, as in PEFT.
 DEFAULT_TARGET_MODULES = {
@@ -41,8 +43,8 @@ class LoraConfig:
             for the model type (`DEFAULT_TARGET_MODULES`).
         bias: "none", "all" (every bias trains) or "lora_only" (biases of adapted layers).
         use_rslora: rank-stabilised scaling alpha / √r.
-        task_type: PEFT task type; "SEQ_CLS" puts the classifier head ("classifier" /
-            "score") in `modules_to_save`.
+        task_type: PEFT task type; "SEQ_CLS" and "TOKEN_CLS" put the classifier head
+            ("classifier" / "score") in `modules_to_save`.
         modules_to_save: modules trained in full (as a trainable copy) and saved with the
             adapter; PEFT matches them by name suffix.
         fan_in_fan_out: the base stores W as [in, out] (GPT-2 `Conv1D`); auto-detected per layer.
@@ -107,9 +109,9 @@ class LoraConfig:
         return isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear"
 
     def resolved_modules_to_save(self) -> list[str] | None:
-        """modules_to_save with the SEQ_CLS heads added, as PEFT does."""
+        """modules_to_save with the SEQ_CLS / TOKEN_CLS heads added, as PEFT does."""
         mts = list(self.modules_to_save or [])
-        if self.task_type == "SEQ_CLS":
+        if self.task_type in HEAD_TASK_TYPES:
             mts += [h for h in SEQ_CLS_HEADS if h not in mts]
         return mts or None
 

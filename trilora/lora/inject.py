@@ -22,7 +22,7 @@ from trilora.quant import Linear4bit
 
 from ..modules import replace_module
 
-from .config import DEFAULT_TARGET_MODULES, SEQ_CLS_HEADS, LoraConfig
+from .config import DEFAULT_TARGET_MODULES, HEAD_TASK_TYPES, SEQ_CLS_HEADS, LoraConfig
 from .layer import LoraLinear, TrainableCopy, linear_dims
 
 CONFIG_ATTR = "trilora_lora_config"  # the LoraConfig of an adapted model, read by save_adapter
@@ -82,10 +82,12 @@ def _head_names(model: nn.Module, config: LoraConfig) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     candidates = [out] if out is not None else (
-        [getattr(model, h, None) for h in SEQ_CLS_HEADS] if config.task_type == "SEQ_CLS" else [])
+        [getattr(model, h, None) for h in SEQ_CLS_HEADS] if config.task_type in HEAD_TASK_TYPES else [])
     for head in candidates:
         if isinstance(head, nn.Module):
-            heads.update(n for n, m in model.named_modules() if m is head)
+            roots = [n for n, m in model.named_modules() if m is head]
+            # a head may hold several linears (RoBERTa's classifier.dense / .out_proj)
+            heads.update(n for n, _ in model.named_modules() if n in roots or _under(n, roots))
             break
     return heads
 

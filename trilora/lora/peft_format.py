@@ -7,6 +7,8 @@
         <module>.base_layer.bias, <other>.bias                            (bias "all"/"lora_only")
         <saved module>.<param>                                            (modules_to_save)
 
+`trilora.labels` (SEQ_CLS / TOKEN_CLS adapters) lists the head's classes in id order, so that
+the head can be rebuilt on a fresh base (PEFT keeps them in the base's config instead).
 `trilora.base_quantization` records the 4-bit format of the base the adapter was trained on
 ({"quant_type", "blocksize", "double_quant"}): the adapter learned against those dequantized
 weights, so `trilora merge` and `trilora eval` rebuild them by default. PEFT ignores it.
@@ -25,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..files import open_safetensors
-from .config import LoraConfig
+from .config import HEAD_TASK_TYPES, LoraConfig
 from .inject import add_lora, get_lora_config, lora_layers, resolve_config, resolve_targets
 from .layer import TrainableCopy, linear_dims
 
@@ -34,6 +36,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 BASE_QUANTIZATION_KEY = "trilora.base_quantization"
+LABELS_KEY = "trilora.labels"
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -94,6 +97,21 @@ def adapter_base_quantization(path: str | os.PathLike) -> dict | None:
     return quant
 
 
+def adapter_labels(path: str | os.PathLike) -> list[str] | None:
+    """The classes a SEQ_CLS / TOKEN_CLS adapter directory records, in id order, or None."""
+    with open_safetensors(os.path.join(os.fspath(path), WEIGHTS_NAME)) as f:
+        text = (f.metadata() or {}).get(LABELS_KEY)
+    if text is None:
+        return None
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        labels = None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ValueError(f"{path}: {WEIGHTS_NAME} metadata {LABELS_KEY} is malformed: {text[:80]!r}")
+    return labels
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     """Write `model`'s adapter to directory `path` in PEFT's format; returns the path.
 
@@ -104,6 +122,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     metadata = {"format": "pt"}
     if (quant := base_quantization(model)) is not None:
         metadata[BASE_QUANTIZATION_KEY] = json.dumps(quant)
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if get_lora_config(model).task_type in HEAD_TASK_TYPES and id2label:
+        metadata[LABELS_KEY] = json.dumps([id2label[i] for i in sorted(id2label, key=int)])
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """The trainer: data preparation, model loading, the training loop, evaluation, the run."""
 from .config import TrainConfig
-from .data import FORMATS, CleaningReport, Record, label_set, load_records
+from .data import FORMATS, CleaningReport, Record, label_set, load_records, tag_set
 from .data_batch import (
     BatchIterator,
     PackedDataset,
@@ -31,5 +31,5 @@ __all__ = [
     "collate_padded", "pack_examples", "packed_attention_mask",
     "Splits", "iter_mixture", "load_splits", "mix", "split", "stages",
     "DEFAULT_TEMPLATES", "IGNORE_INDEX", "TokenizationReport", "TokenizedDataset",
-    "prompt_ids", "render_prompt_completion", "tokenize_records",
+    "prompt_ids", "render_prompt_completion", "tokenize_records", "tag_set",
 ]

@@ -34,7 +34,11 @@ class TrainConfig:
     data: list[str] | None = _f(None, "training data files (JSONL/CSV); several = multi-task mix. "
                                       "Default: the embedded demo task", nargs="+")
     mix_weights: list[float] | None = _f(None, "sampling weight per --data file (multi-task)", nargs="+")
-    data_format: str = _f("auto", "auto, alpaca, prompt_completion, chat, text, or classification")
+    task: str = _f("auto", "generate (a causal LM writes the answer), classify (a sequence-classification "
+                           "head), tag (a token-classification head, NER); auto: from the data and the model")
+    class_weights: str = _f("none", "classify: none, or balanced (each class weighs equally in the loss, "
+                                    "against imbalanced data)")
+    data_format: str = _f("auto", "auto, alpaca, prompt_completion, chat, text, classification, or tagging")
     template: str | None = _f(None, "prompt template over the record's fields, e.g. 'Q: {question}\\nA:' "
                                     "(\\n, \\t and \\\\ are read as escapes; default: one per format)",
                               parse="escapes")
@@ -126,6 +130,11 @@ class TrainConfig:
             raise ValueError(f"unknown data_format {self.data_format!r}: auto or one of {', '.join(FORMATS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: one of {', '.join(DTYPES)}")
+        from .tasks import TASKS
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: one of {', '.join(TASKS)}")
+        if self.class_weights not in ("none", "balanced"):
+            raise ValueError(f"class_weights must be none or balanced, got {self.class_weights!r}")
         if self.fused_blocks not in ("auto", "on", "off"):
             raise ValueError(f"fused_blocks must be auto, on or off, got {self.fused_blocks!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
@@ -152,7 +161,7 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     # the settings that must match for --resume to continue a run (not its length or logging)
-    RESUME_KEYS = ("model", "method", "data", "mix_weights", "data_format", "split", "lr",
+    RESUME_KEYS = ("model", "method", "task", "class_weights", "data", "mix_weights", "data_format", "split", "lr",
                    "batch_size", "grad_accum", "max_length", "packing", "r", "alpha", "dropout",
                    "target_modules", "use_rslora", "quant_type", "seed", "scheduler", "warmup_steps",
                    "template", "weight_decay", "max_grad_norm", "val_data", "test_data",

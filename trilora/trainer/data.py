@@ -1,14 +1,24 @@
-"""Load and clean fine-tuning records from JSONL / JSON / CSV files or Python lists.
+"""Load and clean fine-tuning records from JSONL / JSON / CSV / CoNLL files or Python lists.
 
-A record is one training example in one of five formats, detected from its keys or forced
+A record is one training example in one of six formats, detected from its keys or forced
 with `format=`:
 
     format              required keys              optional
     "alpaca"            instruction, output        input
     "prompt_completion" prompt, completion
     "chat"              messages  ([{role, content}, ...], at least one assistant turn)
+    "tagging"           tokens, tags  (equal-length lists of words and BIO / IOB2 tags:
+                                       "O", "B-TYPE" or "I-TYPE"; see `trainer.tagging`)
     "classification"    text, label                (label: str, int, float or bool -> str)
     "text"              text                       (every token is in the loss)
+
+CSV / TSV cells carry `messages`, `tokens` and `tags` as JSON lists. A CoNLL file (.conll,
+.iob, .bio) holds tagging records only: one "token ... tag" line per word (the token is the
+first column, the tag the last, columns split by spaces or tabs), a blank line after each
+sentence; "-DOCSTART-" lines are skipped, and so is a line starting with "#" whose last
+column is not a tag (a comment; "# O" is the token "#"). A sentence is one record, numbered
+by its first line. Tags are kept as written: an "I-X" that does not continue an X entity
+(IOB1 style) is not rewritten to "B-X"; the metrics read it as starting an entity.
 
 Cleaning never rewrites a record's text: a prompt is the user's bytes (a chat-rendered
 prompt ends in "assistant\n", and dropping that newline changes what the model sees). It
@@ -32,6 +42,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,12 +52,14 @@ from typing import Any
 # first, because a classification record ({text, label}) also looks like a "text" record.
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "chat": (("messages",), ()),
+    "tagging": (("tokens", "tags"), ()),
     "alpaca": (("instruction", "output"), ("input",)),
     "prompt_completion": (("prompt", "completion"), ()),
     "classification": (("text", "label"), ()),
     "text": (("text",), ()),
 }
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+               ".conll": "conll", ".iob": "conll", ".bio": "conll"}
 _MAX_REASONS_IN_ERROR = 5
 
 
@@ -110,8 +123,9 @@ def load_records(source: str | os.PathLike | Sequence[dict], format: str | None 
     """Load, validate and clean the records of a file or a list of dicts.
 
     source:  a path ending in .jsonl/.ndjson (one JSON object per line), .json (a JSON array
-             of objects), .csv or .tsv (a header row naming the columns; a chat `messages`
-             cell holds JSON), or a list of dicts.
+             of objects), .csv or .tsv (a header row naming the columns; `messages`, `tokens`
+             and `tags` cells hold JSON), .conll/.iob/.bio (token and tag columns, a blank
+             line between sentences), or a list of dicts.
     format:  force a format from `FORMATS`; None detects it from the keys.
     verbose: print the report.
     Returns the surviving records in source order and the report.
@@ -184,6 +198,16 @@ def label_set(records: Iterable[Record]) -> list[str]:
     return sorted({r.data["label"] for r in records if r.format == "classification"})
 
 
+def tag_set(records: Iterable[Record]) -> list[str]:
+    """Tag ids' order: "O", then the sorted distinct other tags of tagging records.
+
+    "O" is always there, at id 0, even if no record uses it: the model needs an "outside"
+    class. [] when there is no tagging record.
+    """
+    tags = {tag for r in records if r.format == "tagging" for tag in r.data["tags"]}
+    return ["O", *sorted(tags - {"O"})] if tags else []
+
+
 # --------------------------------------------------------------------------- reading files
 
 def _read_file(path: str) -> tuple[str, list[tuple[int, Any, str | None]]]:
@@ -218,6 +242,8 @@ def _read_file(path: str) -> tuple[str, list[tuple[int, Any, str | None]]]:
             raise ValueError(f"{path} must hold a JSON array of records, "
                              f"got {type(items).__name__}")
         return "item", [(i, *_checked(item)) for i, item in enumerate(items)]
+    if kind == "conll":
+        return "line", list(_parse_conll(io.StringIO(text)))  # universal newlines
     lines = io.StringIO(text, newline="")
     return "line", list(_parse_csv(lines, delimiter="\t" if kind == "tsv" else ","))
 
@@ -308,6 +334,43 @@ def _parse_csv(f, delimiter: str) -> Iterator[tuple[int, Any, str | None]]:
             yield number, *_checked(row)
 
 
+_TAG = re.compile(r"O|[BI]-\S+")
+_COLUMN_SEPARATOR = re.compile(r"[ \t]+")  # not str.split(): a no-break space is token text
+
+
+def _parse_conll(lines: Iterable[str]) -> Iterator[tuple[int, Any, str | None]]:
+    """One row {"tokens", "tags"} per sentence, numbered by the sentence's first line.
+
+    A line with one column costs its sentence (the reason names the line); the sentence's
+    other lines are consumed with it, so they do not come back as a sentence of their own.
+    """
+    first, tokens, tags, error = 0, [], [], None
+
+    def sentence():
+        if error is not None:
+            return first, None, error
+        return first, *_checked({"tokens": tokens, "tags": tags})
+
+    for number, line in enumerate(lines, start=1):
+        columns = _COLUMN_SEPARATOR.split(line.strip(" \t\r\n"))
+        is_docstart = columns[0] == "-DOCSTART-"
+        if not columns[0] or is_docstart:  # a blank line or a document marker ends a sentence
+            if first:
+                yield sentence()
+            first, tokens, tags, error = 0, [], [], None
+            continue
+        if columns[0].startswith("#") and not _TAG.fullmatch(columns[-1]):
+            continue  # a comment ("# sent_id = 3"), unlike the token "#" tagged "O"
+        first = first or number
+        if len(columns) == 1 and error is None:
+            error = (f"line {number} has one column ({columns[0][:40]!r}); "
+                     "expected a token and a tag")
+        tokens.append(columns[0])
+        tags.append(columns[-1])
+    if first:
+        yield sentence()
+
+
 # --------------------------------------------------------------------------- formats
 
 def _detect_format(name: str, rows: list[dict]) -> str:
@@ -382,6 +445,9 @@ def _normalize(row: dict, fmt: str) -> tuple[dict[str, Any], bool]:
     for key in required:
         if key not in row:
             raise _Malformed(f"missing required column {key!r}")
+    if fmt == "tagging":  # extra columns are kept as they are
+        data = {**row, **_normalize_tagging(row["tokens"], row["tags"])}
+        return data, not data["tokens"]
     data: dict[str, Any] = {}
     for key, value in row.items():
         if key == "messages":
@@ -425,12 +491,44 @@ def _stripped(value: Any) -> Any:
     return value
 
 
+def _json_cell(key: str, value: Any) -> Any:
+    """A CSV cell's JSON text parsed (other values as they are), as strictly as a JSONL line."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value = _loads(value)
+    except json.JSONDecodeError as exc:
+        raise _Malformed(f"column {key!r} is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise _Malformed(f"column {key!r} is nested too deeply to parse") from None
+    reason = _unreadable(value)  # "\udc80" escapes and overlong numbers inside the JSON text
+    if reason:
+        raise _Malformed(f"column {key!r}: {reason}")
+    return value
+
+
+def _normalize_tagging(tokens: Any, tags: Any) -> dict[str, list[str]]:
+    """tokens: non-blank strings; tags: as many BIO / IOB2 tags. Neither is rewritten."""
+    tokens, tags = _json_cell("tokens", tokens), _json_cell("tags", tags)
+    for key, value in (("tokens", tokens), ("tags", tags)):
+        if not isinstance(value, list):
+            raise _Malformed(f"column {key!r} must be a list of strings, "
+                             f"got {type(value).__name__}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _Malformed(f"{key}[{i}] must be a string, got {type(item).__name__}")
+    if len(tokens) != len(tags):
+        raise _Malformed(f"tokens and tags differ in length ({len(tokens)} vs {len(tags)})")
+    for i, (token, tag) in enumerate(zip(tokens, tags)):
+        if not token.strip():
+            raise _Malformed(f"tokens[{i}] is blank: a token is a word")
+        if not _TAG.fullmatch(tag):
+            raise _Malformed(f"tags[{i}] is {tag!r}, not a BIO tag (O, B-TYPE or I-TYPE)")
+    return {"tokens": tokens, "tags": tags}
+
+
 def _normalize_messages(value: Any) -> list[dict[str, str]]:
-    if isinstance(value, str):  # CSV cells carry the message list as JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise _Malformed(f"column 'messages' is not valid JSON ({exc.msg})") from exc
+    value = _json_cell("messages", value)  # CSV cells carry the message list as JSON text
     if not isinstance(value, list):
         raise _Malformed(f"column 'messages' must be a list, got {type(value).__name__}")
     messages = []

@@ -139,18 +139,22 @@ def collate_padded(examples: Sequence[dict[str, torch.Tensor]], pad_token_id: in
     """Right-pad examples to the longest one (rounded up to pad_to_multiple_of).
 
     Returns input_ids, labels, attention_mask: int64 [B, T]; attention_mask is 1 on real
-    tokens and 0 on padding, labels are -100 on padding.
+    tokens and 0 on padding, labels are -100 on padding. Examples whose labels are one class
+    id each (sequence classification) give labels [B].
     """
     length = max(len(e["input_ids"]) for e in examples)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    per_sequence = examples[0]["labels"].dim() == 0
     batch = {"input_ids": torch.full((len(examples), length), pad_token_id, dtype=torch.long),
-             "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+             "labels": (torch.stack([e["labels"] for e in examples]) if per_sequence else
+                        torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)),
              "attention_mask": torch.zeros((len(examples), length), dtype=torch.long)}
     for b, example in enumerate(examples):
         n = len(example["input_ids"])
         batch["input_ids"][b, :n] = example["input_ids"]
-        batch["labels"][b, :n] = example["labels"]
+        if not per_sequence:
+            batch["labels"][b, :n] = example["labels"]
         batch["attention_mask"][b, :n] = 1
     return batch
 

@@ -82,8 +82,10 @@ def load_splits(train: str | os.PathLike | Sequence[dict], validation=None, test
     """Load the splits of a dataset: one source cut by ratios, or one source per split.
 
     With only `train` given, it is loaded and `split` by (ratios, seed). With `validation`
-    and/or `test` given, each source is its own split as it stands (a missing one is empty)
-    and `ratios` is unused. Returns the splits and each source's cleaning report.
+    and/or `test` given, each given source is its own split as it stands, and the missing one
+    is carved from `train` by its share of `ratios` (validation: the second ratio, test: the
+    third), so that `--test-data` alone still leaves a validation split for early stopping.
+    Returns the splits and each source's cleaning report.
     """
     sources = {"train": train, "validation": validation, "test": test}
     reports, loaded = {}, {}
@@ -92,7 +94,15 @@ def load_splits(train: str | os.PathLike | Sequence[dict], validation=None, test
             loaded[name], reports[name] = load_records(source, format, verbose=verbose)
     if validation is None and test is None:
         return split(loaded["train"], ratios, seed, verbose=verbose), reports
-    result = Splits(*(loaded.get(name, []) for name in SPLIT_NAMES))
+    ratios = tuple(float(r) for r in ratios) + (0.0,) * (3 - len(ratios))
+    share = ratios[1] if validation is None else ratios[2]
+    parts = dict(loaded)
+    if validation is None or test is None:
+        keep = ratios[0] / (ratios[0] + share) if share > 0 else 1.0
+        carved = split(loaded["train"], (keep, 1.0 - keep), seed)
+        parts["train"] = carved.train
+        parts["validation" if validation is None else "test"] = carved.validation
+    result = Splits(*(parts.get(name, []) for name in SPLIT_NAMES))
     if verbose:
         print(result)
     return result, reports

@@ -6,10 +6,13 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .tasks import loss_sum
+
 
 @torch.no_grad()
-def evaluate_loss(model, batches: Iterable[dict], device, autocast_dtype=None) -> dict:
-    """Token-weighted mean loss and perplexity over `batches` (dicts with input_ids, labels, ...)."""
+def evaluate_loss(model, batches: Iterable[dict], device, autocast_dtype=None, task: str = "generate") -> dict:
+    """Mean loss (per predicted token, labelled token or sequence: see `tasks.loss_units`) and
+    perplexity over `batches` (dicts with input_ids, labels, ...)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -18,13 +21,8 @@ def evaluate_loss(model, batches: Iterable[dict], device, autocast_dtype=None) -
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(**batch).logits
-        shifted = labels[:, 1:]
-        n = int((shifted != -100).sum())
-        if n:
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total, tokens = total + loss.item(), tokens + n
+        part, n = loss_sum(logits, labels, task)
+        total, tokens = total + part, tokens + n
     model.train(was_training)
     loss = total / tokens if tokens else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
@@ -65,9 +63,11 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def classification_metrics(predictions: Sequence[str], references: Sequence[str],
                            labels: Sequence[str] | None = None) -> dict:
-    """Accuracy and macro precision, recall and F1 over `labels` (default: those in references).
+    """Accuracy; macro and support-weighted precision, recall and F1 over `labels` (default:
+    those in references); per-class figures; and the confusion matrix.
 
-    A prediction outside the label set counts as wrong for its true class.
+    confusion[i][j] counts references of labels[i] predicted as labels[j]; a prediction
+    outside the label set counts as wrong for its true class (and in no column).
     """
     labels = sorted(set(references)) if labels is None else list(labels)
     preds = [p.strip() for p in predictions]
@@ -82,10 +82,82 @@ def classification_metrics(predictions: Sequence[str], references: Sequence[str]
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
     n = len(refs)
+    index = {label: i for i, label in enumerate(labels)}
+    confusion = [[0] * len(labels) for _ in labels]
+    for p, r in zip(preds, refs):
+        if r in index and p in index:
+            confusion[index[r]][index[p]] += 1
+    support = sum(c["support"] for c in per_class.values())
+
+    def macro(key):
+        return sum(c[key] for c in per_class.values()) / len(labels) if labels else 0.0
+
+    def weighted(key):
+        return sum(c[key] * c["support"] for c in per_class.values()) / support if support else 0.0
     return {
         "accuracy": sum(p == r for p, r in zip(preds, refs)) / n if n else float("nan"),
-        "precision": sum(c["precision"] for c in per_class.values()) / len(labels) if labels else 0.0,
-        "recall": sum(c["recall"] for c in per_class.values()) / len(labels) if labels else 0.0,
-        "f1": sum(c["f1"] for c in per_class.values()) / len(labels) if labels else 0.0,
-        "per_class": per_class,
+        "precision": macro("precision"), "recall": macro("recall"), "f1": macro("f1"),
+        "weighted_precision": weighted("precision"), "weighted_recall": weighted("recall"),
+        "weighted_f1": weighted("f1"),
+        "per_class": per_class, "labels": labels, "confusion_matrix": confusion,
     }
+
+
+@torch.no_grad()
+def predict_classes(model, batches: Iterable[dict], device, autocast_dtype=None) -> list[torch.Tensor]:
+    """Class probabilities (fp32 [num_labels]) of every sequence in `batches`, in order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(**inputs).logits
+            out += list(logits.float().softmax(-1).cpu())
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def predict_tokens(model, batches: Iterable[dict], device, autocast_dtype=None) -> list[list[int]]:
+    """The predicted class id of every real (unpadded) token of every sequence, in order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                ids = model(**inputs).logits.argmax(-1).cpu()
+            lengths = inputs["attention_mask"].sum(-1).tolist()
+            out += [row[:n].tolist() for row, n in zip(ids, lengths)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def format_metrics(result: dict) -> str:
+    """Per-class (classification) or per-type (tagging) precision / recall / F1 / support as a
+    table, with the macro / weighted or micro rows and, for classes, the confusion matrix."""
+    rows = result.get("per_class") or result.get("per_type") or {}
+    width = max([len(str(k)) for k in rows] + [12])
+    lines = [f"{'':{width}}  precision  recall     f1  support"]
+    lines += [f"{k:{width}}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}"
+              for k, v in rows.items()]
+    if "per_class" in result:
+        lines.append(f"{'macro':{width}}  {result['precision']:9.3f}  {result['recall']:6.3f}  {result['f1']:5.3f}")
+        lines.append(f"{'weighted':{width}}  {result['weighted_precision']:9.3f}  {result['weighted_recall']:6.3f}  "
+                     f"{result['weighted_f1']:5.3f}")
+        lines.append(f"accuracy {result['accuracy']:.3f}; confusion matrix (rows: true, columns: predicted):")
+        labels = result["labels"]
+        cell = max([len(str(x)) for x in labels] + [5])
+        lines.append(f"{'':{width}}  " + " ".join(f"{x:>{cell}}" for x in labels))
+        lines += [f"{label:{width}}  " + " ".join(f"{n:>{cell}d}" for n in row)
+                  for label, row in zip(labels, result["confusion_matrix"])]
+    else:
+        lines.append(f"{'micro':{width}}  {result['precision']:9.3f}  {result['recall']:6.3f}  {result['f1']:5.3f}  "
+                     f"{result.get('entities', 0):7d}")
+        lines.append(f"token accuracy {result['token_accuracy']:.3f}")
+    return "\n".join(lines)

@@ -97,22 +97,62 @@ def _expect_shape(linear: nn.Module, weight: torch.Tensor, where: str) -> None:
                          f"{list(want)}: do the checkpoint and its config.json match?")
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of a model directory or `.gguf` file; ValueError naming the path."""
+def load_tokenizer(path: str | Path, pre_split_words: bool = False):
+    """The tokenizer of a model directory or `.gguf` file; ValueError naming the path.
+
+    pre_split_words: the input comes as words (entity tagging); a byte-level BPE (GPT-2,
+    RoBERTa, Llama 3, Qwen2) then needs add_prefix_space=True to give each word its leading
+    space, as it has in running text."""
     from transformers import AutoTokenizer
 
     if is_gguf(path):
         return load_gguf_tokenizer(path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if pre_split_words and _byte_level(tokenizer):
+            _add_prefix_space(tokenizer)
+        return tokenizer
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot load its tokenizer: {err}") from None
 
 
+def _byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and '"ByteLevel"' in backend.to_str()
+
+
+def _add_prefix_space(tokenizer) -> None:
+    """Switch on add_prefix_space in the byte-level pre-tokenizer(s) of a fast tokenizer, in
+    place (from_pretrained's add_prefix_space=True reaches only the tokenizer classes that
+    rebuild their pre-tokenizer, not a tokenizer.json's own)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+
+    def visit(part):
+        if isinstance(part, dict):
+            if part.get("type") == "ByteLevel" and "add_prefix_space" in part:
+                part["add_prefix_space"] = True
+            for value in part.values():
+                visit(value)
+        elif isinstance(part, list):
+            for value in part:
+                visit(value)
+    visit(spec.get("pre_tokenizer"))
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    if hasattr(tokenizer, "add_prefix_space"):
+        tokenizer.add_prefix_space = True
+
+
+# Output heads and the pooler stay in 16/32 bits under QLoRA: small, and a new head trains in full.
+DEFAULT_SKIP = ("lm_head", r"(?:.*\.)?(?:classifier|score|pooler)(?:\..*)?")
+
+
 def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtype | None = None,
-               double_quant: bool = True, blocksize: int = 64, skip=("lm_head",),
+               double_quant: bool = True, blocksize: int = 64, skip=DEFAULT_SKIP,
                device: str | torch.device | None = None, trust_remote_code: bool = False,
-               model_class=None, backend: str = "auto") -> nn.Module:
+               model_class=None, backend: str = "auto", head: dict | None = None,
+               seed: int = 0) -> nn.Module:
     """Load a local HF model directory (config.json + safetensors shards) or a `.gguf` file
     (through transformers' GGUF reader, dequantized to `dtype`, then quantized like any other
     checkpoint if `quantize` says so).
@@ -124,8 +164,15 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
         skip: linear modules left unquantized (full names, last components or regexes).
         device: where the weights go; default CUDA when available.
         trust_remote_code: passed to transformers; off by default.
-        model_class: default `AutoModelForCausalLM`.
+        model_class: default `AutoModelForCausalLM`; e.g. `AutoModelForSequenceClassification`.
         backend: kernels that quantize on the fly: "auto", "triton" or "torch".
+        head: config entries of a task head (num_labels, id2label, label2id, pad_token_id),
+            set on config.json's before the model is built.
+        seed: seeds the initialisation of weights the checkpoint lacks (see below).
+    With a `model_class` other than a causal LM, the checkpoint may be a bare encoder (keys
+    without the `bert.` prefix, as sentence-transformers saves them) and may lack the head and
+    the pooler: those are initialised as transformers does, seeded, and listed in
+    `model.newly_initialised`. Any other missing weight is an error.
     Returns the model in eval mode, with `trilora.quant.Linear4bit` layers where quantized.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -137,8 +184,12 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if is_gguf(path):
+        if model_class not in (None, AutoModelForCausalLM):
+            raise ValueError(f"{path}: a GGUF file holds a causal LM; task heads need an HF model directory")
         return _load_gguf_model(path, quantize, dtype, double_quant, blocksize, skip, device, backend)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for key, value in (head or {}).items():
+        setattr(config, key, value)
     quant_type, double_quant, skip, prequantized = _quant_settings(config, quantize, double_quant, skip)
     if prequantized:
         del config.quantization_config  # the 4-bit layers are ours to build
@@ -149,24 +200,27 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
                if quant_type and type(m) is nn.Linear and not name_matches(name, skip)}
     names = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
              | {n for n, _ in model.named_buffers()})
+    with_head = model_class not in (None, AutoModelForCausalLM)
+    prefix = getattr(model, "base_model_prefix", "") if with_head else ""
     pending: dict[str, dict[str, torch.Tensor]] = {}  # pre-quantized layers being gathered
     unused = []
     for shard in shards:
         with open_safetensors(shard) as f:
-            for key in f.keys():
+            for stored in f.keys():
+                key = _with_prefix(stored, prefix, names)
                 owner = _owner(key)
                 where = f"{shard.name}: {key}"
                 if owner in targets and prequantized:
-                    pending.setdefault(owner, {})[key[len(owner) + 1:]] = _finite(f.get_tensor(key), where).to(device)
+                    pending.setdefault(owner, {})[key[len(owner) + 1:]] = _finite(f.get_tensor(stored), where).to(device)
                 elif owner in targets and key == owner + ".weight":  # quantize as it is read
-                    weight = _finite(f.get_tensor(key), where).to(device, dtype)
+                    weight = _finite(f.get_tensor(stored), where).to(device, dtype)
                     _expect_shape(model.get_submodule(owner), weight, where)
                     bias = model.get_submodule(owner).bias
                     replace_module(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant,
                                                                  backend=backend))
                     del weight  # the dense copy dies here: one linear weight at a time
                 elif key in names:
-                    tensor = _finite(f.get_tensor(key), where).to(device)
+                    tensor = _finite(f.get_tensor(stored), where).to(device)
                     _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor, where)
                 else:
                     unused.append(key)
@@ -185,11 +239,40 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    new = [n for n in missing if with_head and (not n.startswith(prefix + ".") or ".pooler." in n)]
+    missing = [n for n in missing if n not in new]
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+    _initialise(model, new, device, dtype, seed)
+    model.newly_initialised = new
     if unused:
         warnings.warn(f"{path}: {len(unused)} checkpoint tensors match no parameter, e.g. {unused[:3]}")
     return model.eval()
+
+
+def _with_prefix(key: str, prefix: str, names: set[str]) -> str:
+    """A bare encoder's `embeddings.x` is the task model's `bert.embeddings.x` (also for the
+    4-bit entries `….weight.absmax` of a layer whose weight is `bert.….weight`)."""
+    if not prefix or key in names:
+        return key
+    candidate = f"{prefix}.{key}"
+    return candidate if candidate in names or _owner(candidate) + ".weight" in names else key
+
+
+def _initialise(model: nn.Module, names: list[str], device, dtype, seed: int) -> None:
+    """Give the modules owning `names` (still on meta) real, seeded weights, initialised by the
+    model's own `_init_weights` (as `from_pretrained` does for a new head)."""
+    owners = sorted({n.rpartition(".")[0] for n in names})
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for owner in owners:
+            module = model.get_submodule(owner)
+            module.to_empty(device=device, recurse=False)
+            module.to(dtype)
+            model._init_weights(module)
+    finally:
+        torch.random.set_rng_state(generator_state)
 
 
 def _load_gguf_model(path, quantize, dtype, double_quant, blocksize, skip, device, backend) -> nn.Module:

@@ -24,6 +24,7 @@ from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, pr
                          verify_checkpoint)
 from .config import TrainConfig
 from .evaluate import evaluate_loss
+from .tasks import batch_loss, loss_units
 from .outputs import write_dir
 
 
@@ -75,8 +76,10 @@ class Trainer:
 
     def __init__(self, model, config: TrainConfig, train_batches, val_batches, device: torch.device,
                  write_weights: Callable[[Path], None], read_weights: Callable[[Path], None],
-                 autocast_dtype: torch.dtype | None = None, data_fingerprint: str | None = None):
+                 autocast_dtype: torch.dtype | None = None, data_fingerprint: str | None = None,
+                 task: str = "generate", class_weights: torch.Tensor | None = None):
         self.model, self.config, self.device = model, config, device
+        self.task, self.class_weights = task, class_weights  # see trainer.tasks
         self.train_batches, self.val_batches = train_batches, val_batches
         self.write_weights, self.read_weights = write_weights, read_weights
         self.autocast_dtype = autocast_dtype
@@ -142,7 +145,7 @@ class Trainer:
         return True
 
     def validate(self) -> dict:
-        return evaluate_loss(self.model, self.val_batches, self.device, self.autocast_dtype)
+        return evaluate_loss(self.model, self.val_batches, self.device, self.autocast_dtype, self.task)
 
     # -------------------------------------------------------------------------- the loop
 
@@ -177,17 +180,17 @@ class Trainer:
         # token-weighted: the step's loss is the mean over all of its trained tokens, so
         # batch 8 x accum 1 and batch 4 x accum 2 (or 2 ranks) give the same gradient;
         # the factor `world` undoes DDP's averaging of the ranks' gradients
-        step_tokens = max(1, sum(_trained_tokens(b) for b in drawn))
+        step_tokens = max(1, sum(loss_units(b, self.task) for b in drawn))
         step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(mine):
-            weight = _trained_tokens(batch) * self.world / step_tokens
+            weight = loss_units(batch, self.task) * self.world / step_tokens
             tokens += _input_tokens(batch)  # counted on the host copy: no device sync
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
             ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                      enabled=self.autocast_dtype is not None):
-                loss = model(**batch).loss * weight
+                loss = batch_loss(model, batch, self.task, self.class_weights) * weight
                 loss.backward()
             step_loss += loss.detach()
         loss_sum = step_loss.item()  # one device sync per step, not per micro-batch
@@ -283,11 +286,6 @@ def _total_norm(params) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
-def _trained_tokens(batch: dict) -> int:
-    """Tokens of `batch` in the loss: labels other than -100, after HF's shift by one."""
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def _input_tokens(batch: dict) -> int:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,19 @@ import torch
 import torch.distributed as dist
 
 from ..lora import LoraConfig, add_lora, load_adapter, load_adapter_weights, save_adapter
+from ..lora.config import SEQ_CLS_HEADS
 from ..lora.inject import resolve_config, resolve_targets
 from ..lora.layer import linear_dims
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import label_set
-from .data_batch import BatchIterator
+from .data_batch import BatchIterator, collate_padded
 from .data_mix import Splits, load_splits, mix, stages
 from .data_tokenize import prompt_ids, tokenize_records
-from .evaluate import classification_metrics, evaluate_loss, exact_match, generate_completions
+from .tasks import (PEFT_TASK_TYPES, class_weights, head_config, label_list, model_class, resolve_task,
+                    tokenize_classification)
+from .evaluate import (classification_metrics, evaluate_loss, exact_match, format_metrics, generate_completions,
+                       predict_classes, predict_tokens)
 from .loading import check_model_dir, load_model, load_tokenizer
 from .loop import NonFiniteError, Trainer, resume_point
 from .outputs import RunLock, claim, write_dir, write_json
@@ -113,26 +118,43 @@ def is_main() -> bool:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(config: TrainConfig, model_dir: Path, device, dtype):
-    """The model to train: full (every weight), LoRA on a 16/32-bit base, or QLoRA on NF4/FP4."""
+def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str = "generate", head: dict | None = None):
+    """The model to train: full (every weight), LoRA on a 16/32-bit base, or QLoRA on NF4/FP4;
+    a causal LM, or a classification / tagging model with a new head (`head`: its config)."""
     quantize = config.quant_type if config.method == "qlora" else None
-    model = load_model(model_dir, quantize=quantize, dtype=dtype, device=device, backend=config.kernel_backend)
+    model = load_model(model_dir, quantize=quantize, dtype=dtype, device=device, backend=config.kernel_backend,
+                       model_class=model_class(task), head=head, seed=config.seed)
+    if is_main() and getattr(model, "newly_initialised", None):
+        print(f"newly initialised (seed {config.seed}), trained in full: {', '.join(model.newly_initialised)}")
+    if quantize:
+        from ..quant import Linear4bit
+        n = sum(isinstance(m, Linear4bit) for m in model.modules())
+        model.quantized_layers = n
+        if n == 0:
+            warnings.warn(f"--method qlora quantized no layer of {model_dir} (only nn.Linear layers are; "
+                          f"{type(model).__name__} has none): this run is plain LoRA on a 16/32-bit base",
+                          RuntimeWarning, stacklevel=2)
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     elif config.init_adapter is not None:  # continue an earlier stage's adapter
         load_adapter(model, config.init_adapter, backend=config.kernel_backend, is_trainable=True)
     else:
+        # a newly initialised module other than the head (a bare encoder's pooler) is random: it
+        # must train in full and travel with the adapter, or the adapter only fits this init
+        new = sorted({n.rpartition(".")[0] for n in getattr(model, "newly_initialised", [])
+                      if n.split(".")[0] not in SEQ_CLS_HEADS})
         lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
                           target_modules=_targets(config.target_modules), use_rslora=config.use_rslora,
-                          base_model_name_or_path=str(model_dir))
+                          base_model_name_or_path=str(model_dir), task_type=PEFT_TASK_TYPES[task],
+                          modules_to_save=new or None)
         _check_rank(model, lora)
         add_lora(model, lora, backend=config.kernel_backend)
     if config.fused_blocks == "on" or (config.fused_blocks == "auto" and device.type == "cuda"):
         from ..patching import patch
-        report = patch(model, backend=config.kernel_backend)  # warns about what it skipped
+        report = patch(model, backend=config.kernel_backend, warn=False)
         if is_main():
-            print(report)
+            print(report)  # once: it lists what was skipped too
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -178,8 +200,18 @@ def weight_io(model, config: TrainConfig):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def loss_batches(records, tokenizer, config: TrainConfig) -> list[dict]:
-    dataset, _ = tokenize_records(records, tokenizer, config.max_length, template=config.template)
+def task_dataset(records, tokenizer, config: TrainConfig, task: str = "generate", label2id=None):
+    """(dataset, report) of `records` for `task` (see trainer.tasks)."""
+    if task == "classify":
+        return tokenize_classification(records, tokenizer, label2id, config.max_length)
+    if task == "tag":
+        from .tagging import tokenize_tagging
+        return tokenize_tagging(records, tokenizer, label2id, config.max_length)
+    return tokenize_records(records, tokenizer, config.max_length, template=config.template)
+
+
+def loss_batches(records, tokenizer, config: TrainConfig, task: str = "generate", label2id=None) -> list[dict]:
+    dataset, _ = task_dataset(records, tokenizer, config, task, label2id)
     return list(BatchIterator(dataset, config.batch_size, pad_token_id=_pad_id(tokenizer), shuffle=False))
 
 
@@ -187,8 +219,10 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def primary_metric_name(records) -> tuple[str, bool]:
-    """(metric, higher_is_better) for the records' format."""
+def primary_metric_name(records, task: str = "generate") -> tuple[str, bool]:
+    """(metric, higher_is_better) for the records' format and the task."""
+    if task == "tag":
+        return "f1", True  # entity-level, micro-averaged
     fmt = records[0].format
     if fmt == "text":
         return "perplexity", False
@@ -196,11 +230,35 @@ def primary_metric_name(records) -> tuple[str, bool]:
 
 
 def evaluate_split(model, tokenizer, records, config: TrainConfig, device, autocast_dtype,
-                   labels=None) -> dict:
-    """Loss, perplexity and the primary metric (exact match / classification metrics) of `records`."""
-    result = evaluate_loss(model, loss_batches(records, tokenizer, config), device, autocast_dtype)
+                   labels=None, task: str = "generate") -> dict:
+    """Loss, perplexity and the task's metrics of `records`: exact match (generation),
+    classification metrics (generated labels, or a head's predictions), entity F1 (tagging)."""
+    label2id = dict(model.config.label2id) if task != "generate" else None
+    dataset, _ = task_dataset(records, tokenizer, config, task, label2id)
+    # in record order (BatchIterator groups by length): predictions line up with their records
+    batches = [collate_padded([dataset[j] for j in range(i, min(i + config.batch_size, len(dataset)))],
+                              _pad_id(tokenizer)) for i in range(0, len(dataset), config.batch_size)]
+    result = evaluate_loss(model, batches, device, autocast_dtype, task)
     if not math.isfinite(result["loss"]):
         raise NonFiniteError(f"the evaluation loss is {result['loss']}: the model's weights or outputs hold NaN/Inf")
+    if task == "classify":
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+        probs = predict_classes(model, batches, device, autocast_dtype)
+        predictions = [id2label[int(p.argmax())] for p in probs]
+        references = [r.data["label"] for r in records if r.where in set(dataset.where)]
+        result.update(classification_metrics(predictions, references, [id2label[i] for i in sorted(id2label)]))
+        result["examples"] = [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]
+        return result
+    if task == "tag":
+        from .tagging import entity_metrics, predictions_to_word_tags
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+        token_preds = predict_tokens(model, batches, device, autocast_dtype)
+        kept = [r for r in records if r.where in set(dataset.where)]
+        predicted = [predictions_to_word_tags(ids, word_ids, id2label, n_words=n)
+                     for ids, word_ids, n in zip(token_preds, dataset.word_ids, dataset.n_words)]
+        truth = [r.data["tags"][:len(p)] for r, p in zip(kept, predicted)]
+        result.update(entity_metrics(truth, predicted))
+        return result
     metric, _ = primary_metric_name(records)
     if metric == "perplexity":
         return result
@@ -267,24 +325,42 @@ def _train(config: TrainConfig, out: Path) -> dict:
     splits = prepare_records(config)
     if not splits.test:
         raise ValueError("no test records: give --test-data or a --split with a test share")
-    train_set, report = tokenize_records(splits.train, tokenizer, config.max_length, template=config.template)
+    task, note = resolve_task(config.task, splits.train + splits.test, _model_config(model_dir))
+    if note and is_main():
+        print(note)
+    if task == "tag":  # words come pre-split: a byte-level BPE needs its prefix space
+        tokenizer = load_tokenizer(model_dir, pre_split_words=True)
+    classes = label_list(splits.train + splits.validation + splits.test, task)
+    head = head_config(classes, tokenizer) if task != "generate" else None
+    label2id = head["label2id"] if head else None
+    if task != "generate" and config.packing:
+        raise ValueError(f"--packing joins sequences for a causal LM; --task {task} trains on one sequence a row")
+    train_set, report = task_dataset(splits.train, tokenizer, config, task, label2id)
     if is_main():
         print(report)
     train_batches = BatchIterator(train_set, config.batch_size, pad_token_id=_pad_id(tokenizer),
                                   mode="pack" if config.packing else "pad", max_length=config.max_length,
                                   seed=config.seed)
-    val_batches = loss_batches(splits.validation, tokenizer, config) if splits.validation else None
+    val_batches = (loss_batches(splits.validation, tokenizer, config, task, label2id)
+                   if splits.validation else None)
 
-    model = build_model(config, model_dir, device, dtype)
+    model = build_model(config, model_dir, device, dtype, task, head)
     if is_main():
         from ..lora import trainable_summary
         print(trainable_summary(model) if config.method != "full" else
               f"full fine-tuning: {sum(p.numel() for p in model.parameters()):,} parameters")
-    labels = label_set(splits.train + splits.test) or None
-    metric, higher = primary_metric_name(splits.test)
+    labels = (label_set(splits.train + splits.test) or None) if task == "generate" else None
+    metric, higher = primary_metric_name(splits.test, task)
+    weights = None
+    if config.class_weights == "balanced":
+        if task != "classify":
+            raise ValueError("--class-weights balanced weighs the classes of --task classify")
+        weights = class_weights(splits.train, classes)
+        if is_main():
+            print("class weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(classes, weights.tolist())))
     if is_main():
         print(f"evaluating the test split ({len(splits.test)} records) before training ...", flush=True)
-    before = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels)
+    before = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels, task)
 
     write, read = weight_io(model, config)
     trainer_model = model
@@ -292,14 +368,14 @@ def _train(config: TrainConfig, out: Path) -> dict:
         trainer_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     trainer = Trainer(trainer_model, config, train_batches, val_batches, device, write, read, autocast_dtype,
-                      data_fingerprint=data_fingerprint(splits.train))
+                      data_fingerprint=data_fingerprint(splits.train), task=task, class_weights=weights)
     resumed = trainer.resume() if config.resume else False
     result = trainer.train()
     if result["best"]["step"] and (out / "best").exists():
         read(out / "best")  # the deliverable is the best validated weights, not the last
     if is_main():
         print(f"evaluating the test split ({len(splits.test)} records) after training ...", flush=True)
-    after = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels)
+    after = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels, task)
 
     summary = None
     if is_main():
@@ -315,10 +391,12 @@ def _train(config: TrainConfig, out: Path) -> dict:
         original = None
         if config.method == "qlora" and config.eval_original_base:
             original = _score_on_original_base(config, model_dir, final_dir, tokenizer, splits.test,
-                                               device, dtype, autocast_dtype, labels)
+                                               device, dtype, autocast_dtype, labels, task, head)
         tokens_per_s = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
         summary = {
-            "method": config.method, "steps": result["steps"], "resumed": resumed,
+            "method": config.method, "task": task, "steps": result["steps"], "resumed": resumed,
+            "quantized_layers": getattr(model, "quantized_layers", 0),
+            "labels": classes or None,
             "stopped_early": result["stopped_early"], "best_step": result["best"]["step"],
             "best_val_loss": None if result["best"]["val_loss"] == float("inf") else result["best"]["val_loss"],
             "primary_metric": metric, "higher_is_better": higher,
@@ -333,12 +411,16 @@ def _train(config: TrainConfig, out: Path) -> dict:
             "config": config.to_dict(),
         }
         plot_losses(trainer.history, out / "loss_curve.png")
+        if "confusion_matrix" in after:
+            plot_confusion(after["confusion_matrix"], after["labels"], out / "confusion_matrix.png")
         write_json(out / "summary.json", summary)  # last: a summary means the run is complete
         which = (f"step {result['best']['step']}, the best validation loss" if result["best"]["step"]
                  else f"the last step, {result['steps']}")
         print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
               f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; {final_dir.name}/ holds the weights of "
               f"{which}; written to {out}")
+        if task != "generate":
+            print(format_metrics(after))
         if config.method == "qlora":
             print(f"these scores are the adapter's on the {config.quant_type} base it was trained against, "
                   "which `trilora merge` deploys by default (into the dequantized base)"
@@ -359,20 +441,57 @@ def _scored_weights(config: TrainConfig) -> str:
 
 
 def _score_on_original_base(config, model_dir, adapter_dir, tokenizer, records, device, dtype, autocast_dtype,
-                            labels) -> dict:
+                            labels, task="generate", head=None) -> dict:
     """Test scores of the QLoRA adapter on the original 16/32-bit weights."""
     print("evaluating the adapter on the original (unquantized) weights ...", flush=True)
-    base = load_model(model_dir, quantize=None, dtype=dtype, device=device, backend=config.kernel_backend)
+    base = load_model(model_dir, quantize=None, dtype=dtype, device=device, backend=config.kernel_backend,
+                      model_class=model_class(task), head=head, seed=config.seed)
     load_adapter(base, adapter_dir, backend=config.kernel_backend)
     try:
-        return evaluate_split(base.eval(), tokenizer, records, config, device, autocast_dtype, labels)
+        return evaluate_split(base.eval(), tokenizer, records, config, device, autocast_dtype, labels, task)
     finally:
         del base
 
 
 def _public(result: dict, metric: str) -> dict:
-    keep = {"loss", "perplexity", metric, "accuracy", "precision", "recall", "f1", "examples", "generated"}
+    keep = {"loss", "perplexity", metric, "accuracy", "precision", "recall", "f1", "examples", "generated",
+            "weighted_precision", "weighted_recall", "weighted_f1", "per_class", "labels", "confusion_matrix",
+            "per_type", "token_accuracy", "entities"}
     return {k: v for k, v in result.items() if k in keep}
+
+
+def _model_config(model_dir: Path):
+    """config.json of a model directory (a GGUF file: its causal LM's config)."""
+    from transformers import AutoConfig
+
+    from ..gguf_io import is_gguf
+    if is_gguf(model_dir):
+        from types import SimpleNamespace
+        return SimpleNamespace(model_type="gguf", architectures=["GGUFForCausalLM"])
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> None:
+    """The confusion matrix (rows: true class, columns: predicted) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(3.0, 0.6 * len(labels) + 1.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center")
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
