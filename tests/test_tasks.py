@@ -246,3 +246,19 @@ def test_qlora_on_a_model_without_linear_layers_says_so(tmp_path):
         code, _, err = run_cli(fast_args(out, data, steps=2, model=folder, max_length=16, eval_max_new_tokens=2))
     assert code == 0, err[-2000:]
     assert json.loads((out / "summary.json").read_text())["quantized_layers"] == 0
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_of_a_classifier_saves_a_plain_transformers_model(encoder, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    out = tmp_path / "run"
+    code, _, err = run_cli(fast_args(out, SENTIMENT, steps=5, model=encoder, method="full", lr=1e-3,
+                                     batch_size=16, max_length=24))
+    assert code == 0, err[-2000:]
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert hf.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    report = tmp_path / "r.json"
+    code, _, err = run_cli(["eval", "--model", out / "model", "--data", SENTIMENT, "--output", report,
+                            "--kernel-backend", "torch", "--max-length", "24"])
+    assert code == 0, err[-2000:]
+    assert json.loads(report.read_text())["labels"] == ["negative", "neutral", "positive"]

@@ -18,6 +18,9 @@ hooks are PyTorch's own: a module swap for `lm_head` and forward (pre-)hooks on 
 
 Not armed (HF's own path, logits computed): eval mode, no labels, labels passed positionally,
 `logits_to_keep` != 0, or a direct `model.forward(...)` call (hooks run on `model(...)` only).
+Not armed either when the caller runs its own fused head: TRL's trainers call
+`model(..., fused_lm_head=True, labels=...)` and compute the loss from the backbone's hidden
+states and `lm_head.weight` themselves (no logits either), so the labels are left to them.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def _arm(model: nn.Module, args: tuple, kwargs: dict):
     labels = kwargs.get("labels")
     keep = kwargs.get("logits_to_keep", 0)
     if labels is None or not model.training or len(args) > _LABELS_POSITION or \
-            not (isinstance(keep, int) and keep == 0):
+            not (isinstance(keep, int) and keep == 0) or kwargs.get("fused_lm_head"):
         return None
     kwargs = dict(kwargs)
     del kwargs["labels"]

@@ -197,7 +197,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str
         fan_in_fan_out=conv1d,
         base_model_name_or_path=config.base_model_name_or_path or getattr(model, "name_or_path", None) or None)
     setattr(model, CONFIG_ATTR, stored)
-    return model
+    from .hf_integration import install
+    return install(model)  # saves as an adapter, PEFT's methods (see hf_integration)
 
 
 def _mark_biases(model: nn.Module, bias: str) -> None:

@@ -69,6 +69,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.disabled = False  # True: the base layer alone (PEFT's disable_adapter)
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         self.backend = backend
         self.merged = False  # True while the delta is folded into a dense base weight
@@ -89,6 +90,16 @@ class LoraLinear(nn.Module):
         else:
             nn.init.zeros_(self.lora_B.weight)
 
+    def __setattr__(self, name: str, value) -> None:
+        # PEFT's get_peft_model on a trilora model ("all-linear") would nest its own LoRA
+        # inside this layer's linears: two adapter systems training at once. Refuse it here,
+        # where PEFT swaps the module in, before anything is replaced.
+        if name in ("base_layer", "lora_A", "lora_B") and type(value).__module__.startswith("peft."):
+            raise ValueError("this model already carries trilora LoRA adapters: PEFT cannot add its own on top "
+                             "(one adapter system per model). Drop the peft_config / get_peft_model call and "
+                             "train trilora's adapter, or start from a fresh base model for PEFT")
+        super().__setattr__(name, value)
+
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A, fp32 [out, in] (the update in nn.Linear's layout, whatever the base)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -96,7 +107,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in x's dtype."""
         base = self.base_layer
-        if self.merged:
+        if self.merged or self.disabled:
             return base(x)
         if isinstance(base, Linear4bit):
             # the 4-bit layer's compute dtype, as Linear4bit.forward uses it
@@ -136,8 +147,10 @@ class TrainableCopy(nn.Module):
             p.requires_grad_(True)
         self.train(module.training)
 
+    disabled = False  # True: the frozen original runs (PEFT's disable_adapter)
+
     def forward(self, *args, **kwargs):
-        return self.trained(*args, **kwargs)
+        return (self.original_module if self.disabled else self.trained)(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:

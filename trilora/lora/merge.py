@@ -84,7 +84,8 @@ def merge_lora(model: nn.Module, requantize: bool = False, unload: bool = True) 
         replace_module(model, name, wrapper.trained)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
-    return model
+    from .hf_integration import uninstall
+    return uninstall(model)  # a plain HF model again: save_pretrained writes the whole model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:

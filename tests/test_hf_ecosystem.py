@@ -1,0 +1,197 @@
+"""Drop-in for HF / TRL / PEFT pipelines (issue 13): checkpoints written by HF's Trainer and
+TRL's SFTTrainer are adapters that reload through PEFT and transformers, resume is exact,
+PEFT's methods (disable_adapter for reference logits, merge_and_unload, state dicts) behave
+as PEFT's on the same model, transformers' adapter methods answer instead of failing."""
+import json
+
+import pytest
+import torch
+from _lora_models import one_thread  # noqa: F401  (autouse fixture)
+from _lora_models import VOCAB, logits, max_diff, tiny, twin
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from trilora.lora import LoraConfig, add_lora
+from trilora.quant import quantize_model
+
+
+class Sequences(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seq: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (4, seq), generator=g).repeat(n // 4, 1)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def base_dir(tmp_path, quantized=False):
+    base = tiny("llama")
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if quantized:
+        quantize_model(model, backend="torch")
+    return folder, model
+
+
+def adapted(model, folder):
+    return add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", base_model_name_or_path=str(folder)),
+                    backend="torch")
+
+
+def args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2, report_to=[],
+                use_cpu=True, save_strategy="steps", save_steps=3, disable_tqdm=True, seed=0, logging_steps=1,
+                lr_scheduler_type="constant")
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_trainer_checkpoints_are_adapters_that_reload_everywhere(tmp_path, quantized):
+    folder, model = base_dir(tmp_path, quantized)
+    model = adapted(model, folder)
+    trainer = Trainer(model=model, args=args(tmp_path / "run"), train_dataset=Sequences())
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+    for ckpt in (tmp_path / "run" / "checkpoint-6", tmp_path / "final"):
+        files = {p.name for p in ckpt.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "config.json" not in files
+        # the adapter, not the base: a few KB here (the whole base would be ~100x more)
+        assert (ckpt / "model.safetensors").stat().st_size < 0.2 * (folder / "model.safetensors").stat().st_size
+    ours = logits(model.eval())
+    if quantized:  # PEFT over bitsandbytes' NF4 (the same bytes as ours)
+        from transformers import BitsAndBytesConfig
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, device_map="cpu")
+    else:
+        base = AutoModelForCausalLM.from_pretrained(folder)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "final").eval()
+    assert max_diff(logits(peft_model), ours) < (2e-3 if quantized else 1e-5)
+    if not quantized:  # transformers' own route: base from adapter_config.json + the adapter
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+        assert max_diff(logits(hf), ours) < 1e-5
+
+
+def test_resume_from_a_trainer_checkpoint_is_exact(tmp_path):
+    folder, model = base_dir(tmp_path)
+    full = Trainer(model=adapted(model, folder), args=args(tmp_path / "a"), train_dataset=Sequences())
+    full.train()
+    _, model2 = base_dir(tmp_path)
+    resumed = Trainer(model=adapted(model2, folder), args=args(tmp_path / "a"), train_dataset=Sequences())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    a = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_peft_surface_matches_peft_on_the_same_model(tmp_path, capsys):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, get_peft_model_state_dict
+    base = tiny("llama")
+    reference = logits(base)
+    model = add_lora(twin(base), LoraConfig(r=4, alpha=8, target_modules="all-linear"), backend="torch")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    adapted_logits = logits(model)
+    assert max_diff(adapted_logits, reference) > 1e-3
+    with model.disable_adapter():  # DPO's reference model: exactly the base
+        assert torch.equal(logits(model), reference)
+    assert torch.equal(logits(model), adapted_logits)
+    model.disable_adapter_layers()
+    assert torch.equal(logits(model), reference)
+    model.enable_adapter_layers()
+
+    peft_model = get_peft_model(twin(base), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert model.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
+    model.print_trainable_parameters()
+    peft_model.print_trainable_parameters()
+    ours_line, peft_line = capsys.readouterr().out.strip().splitlines()
+    assert ours_line == peft_line
+    state = model.get_adapter_state_dict()
+    assert sorted(state) == sorted(get_peft_model_state_dict(peft_model))  # the same keys
+    fresh = add_lora(twin(base), LoraConfig(r=4, alpha=8, target_modules="all-linear"), backend="torch")
+    fresh.set_adapter_state_dict(state)
+    assert torch.equal(logits(fresh), adapted_logits)
+    with pytest.raises(ValueError, match="adapter state dict keys this model's adapter lacks"):
+        fresh.set_adapter_state_dict({"base_model.model.nope.lora_A.weight": torch.zeros(1)})
+    merged = model.merge_and_unload()
+    assert max_diff(logits(merged), adapted_logits) < 1e-5
+    merged.save_pretrained(tmp_path / "merged")  # a plain model again
+    assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_transformers_adapter_methods_answer_for_the_one_adapter(tmp_path):
+    folder, model = base_dir(tmp_path)
+    model = adapted(model, folder)
+    model.save_pretrained(tmp_path / "ad")
+    assert model.active_adapters == ["default"]
+    model.set_adapter("default")
+    model.load_adapter(tmp_path / "ad", "default")
+    with pytest.raises(ValueError, match="one adapter, named 'default'"):
+        model.set_adapter("other")
+    with pytest.raises(ValueError, match="one adapter system per model"):
+        model.add_adapter(object())
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(folder)
+
+
+# ----------------------------------------------------------------------------- TRL
+
+def _sft(model, out, steps=4):
+    from _data_helpers import char_tokenizer
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    data = Dataset.from_list([{"text": f"rotate: word{i} = ord{i}w"} for i in range(32)])
+    config = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                       report_to=[], use_cpu=True, save_strategy="steps", save_steps=steps, logging_steps=1,
+                       disable_tqdm=True, max_length=32, seed=0)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=char_tokenizer())
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantized", [False, True])
+def test_trl_sft_trainer_patched_and_unpatched(tmp_path, quantized):
+    """TRL's SFTTrainer trains trilora adapters, with trilora.patch's fused blocks and loss too
+    (TRL runs its own fused LM head; the patched loss stands aside), and its checkpoints are
+    adapters PEFT loads."""
+    pytest.importorskip("trl")
+    from trilora.patching import patch
+    runs = {}
+    for patched in (False, True):
+        model = tiny("llama")
+        if quantized:
+            quantize_model(model, backend="torch")
+        model = add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), backend="torch")
+        if patched:
+            patch(model, backend="torch", warn=False)
+        runs[patched], _ = _sft(model, tmp_path / f"run-{patched}")
+        ckpt = tmp_path / f"run-{patched}" / "checkpoint-4"
+        assert (ckpt / "adapter_config.json").exists() and not (ckpt / "config.json").exists()
+    assert len(runs[False]) == 4 and runs[False][-1] < runs[False][0]
+    assert runs[True] == pytest.approx(runs[False], abs=2e-3)
+    if not quantized:
+        reloaded = PeftModel.from_pretrained(tiny("llama"), tmp_path / "run-False" / "checkpoint-4").eval()
+        assert max_diff(logits(reloaded), logits(tiny("llama"))) > 1e-3  # the trained adapter is in it
+        model = tiny("llama")
+        add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), backend="torch")
+        model.load_adapter(tmp_path / "run-False" / "checkpoint-4")
+        assert max_diff(logits(reloaded), logits(model.eval())) < 1e-5
+
+
+def test_a_second_adapter_system_is_refused(tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    model = add_lora(tiny("llama"), LoraConfig(r=4, alpha=8, target_modules="all-linear"), backend="torch")
+    before = logits(model)
+    with pytest.raises(ValueError, match="already carries trilora LoRA adapters: PEFT cannot add its own"):
+        get_peft_model(model, PeftLoraConfig(r=4, target_modules="all-linear"))
+    assert torch.equal(logits(model), before)  # refused before anything was replaced
