@@ -195,3 +195,69 @@ def test_a_second_adapter_system_is_refused(tmp_path):
     with pytest.raises(ValueError, match="already carries trilora LoRA adapters: PEFT cannot add its own"):
         get_peft_model(model, PeftLoraConfig(r=4, target_modules="all-linear"))
     assert torch.equal(logits(model), before)  # refused before anything was replaced
+
+
+# ----------------------------------------------------------------------------- accelerate_peft
+
+def _base(quantized: bool, tmp_path):
+    folder = tmp_path / "base"
+    if not folder.exists():
+        tiny("llama").save_pretrained(folder)
+    if not quantized:
+        return AutoModelForCausalLM.from_pretrained(folder)
+    from transformers import BitsAndBytesConfig
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, device_map="cpu")
+
+
+def _peft_model(quantized: bool, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    base = _base(quantized, tmp_path)
+    torch.manual_seed(1)
+    return get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+
+
+def _train_steps(model, steps=5):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    data = Sequences()
+    losses = []
+    for step in range(steps):
+        ids = data.ids[4 * step % 32: 4 * step % 32 + 4]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, params
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_accelerate_peft_trains_to_the_same_losses(tmp_path, quantized, monkeypatch):
+    import trilora
+    from peft import PeftModel
+
+    from trilora.lora import peft_accelerate
+    calls = []
+    fused = peft_accelerate.kernels.lora_linear
+    monkeypatch.setattr(peft_accelerate.kernels, "lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    plain = _peft_model(quantized, tmp_path)
+    fast = _peft_model(quantized, tmp_path)
+    keys = list(fast.state_dict())
+    report = trilora.accelerate_peft(fast, backend="torch")
+    assert len(report.converted) == 2 * 7 and not report.kept, report
+    assert list(fast.state_dict()) == keys  # nothing renamed
+    want, _ = _train_steps(plain)
+    got, params = _train_steps(fast)
+    assert len(calls) == 5 * 14  # every LoRA layer of every step ran trilora's fused op
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert all(p.grad is None for p in params)  # the optimizer stepped the very Parameters PEFT holds
+    fast.save_pretrained(tmp_path / "adapter")   # PEFT's own saving, unchanged
+    reloaded = PeftModel.from_pretrained(_base(quantized, tmp_path), tmp_path / "adapter").eval()
+    assert max_diff(logits(reloaded), logits(fast.eval())) < 1e-4
+    with fast.disable_adapter(), reloaded.disable_adapter():  # PEFT's own switch still decides
+        assert max_diff(logits(fast), logits(reloaded)) < 1e-4
+    assert max_diff(logits(fast), logits(_base(quantized, tmp_path).eval())) > 1e-3

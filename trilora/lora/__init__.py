@@ -4,11 +4,13 @@ from .inject import (CONFIG_ATTR, add_lora, get_lora_config, linear_module_names
                      set_lora_backend, trainable_parameters, trainable_summary)
 from .layer import LoraLinear, TrainableCopy
 from .merge import merge_lora, save_merged, unmerge_lora
+from .peft_accelerate import accelerate_peft, restore_peft
 from .peft_format import (adapter_base_quantization, adapter_labels, adapter_state_dict, base_quantization, load_adapter,
                           load_adapter_weights, read_adapter, save_adapter)
 
 __all__ = [
     "CONFIG_ATTR", "DEFAULT_TARGET_MODULES", "LoraConfig", "LoraLinear", "TrainableCopy", "add_lora",
+    "accelerate_peft", "restore_peft",
     "adapter_base_quantization", "adapter_labels", "adapter_state_dict", "base_quantization", "get_lora_config", "linear_module_names", "load_adapter", "load_adapter_weights",
     "lora_layers", "merge_lora", "read_adapter", "save_adapter", "save_merged", "set_lora_backend",
     "trainable_parameters", "trainable_summary", "unmerge_lora",
