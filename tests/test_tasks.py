@@ -108,8 +108,15 @@ def test_eval_predict_and_merge_on_a_classification_run(classified, encoder, tmp
     assert hf.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
     tok = AutoTokenizer.from_pretrained(merged)
     batch = ids_of(tok, ["the film was wonderful", "a terrible meal"])
+    from trilora.lora import adapter_labels, load_adapter
+    from trilora.trainer.loading import load_model
+    from trilora.trainer.tasks import head_config
+    ours = load_adapter(load_model(encoder, quantize=None, model_class=AutoModelForSequenceClassification,
+                                   head=head_config(adapter_labels(out / "adapter"), tok)),
+                        out / "adapter", backend="torch").eval()
     with torch.no_grad():
         assert hf(**batch).logits.argmax(-1).tolist() == [2, 0]
+        assert torch.allclose(hf(**batch).logits, ours(**batch).logits, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -262,3 +269,40 @@ def test_full_fine_tuning_of_a_classifier_saves_a_plain_transformers_model(encod
                             "--kernel-backend", "torch", "--max-length", "24"])
     assert code == 0, err[-2000:]
     assert json.loads(report.read_text())["labels"] == ["negative", "neutral", "positive"]
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS"])
+def test_peft_trained_head_adapters_load_in_trilora_with_equal_logits(encoder, tmp_path, task_type):
+    """The other way round: an adapter PEFT trained and saved (head in modules_to_save)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    from trilora.lora import load_adapter
+    from trilora.trainer.loading import load_model
+    cls = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForTokenClassification
+    torch.manual_seed(0)
+    peft_model = get_peft_model(cls.from_pretrained(encoder, num_labels=4),
+                                PeftLoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"],
+                                               task_type=task_type))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # a trained-looking adapter and head
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_adapter(load_model(encoder, quantize=None, model_class=cls, head={"num_labels": 4}),
+                        tmp_path / "adapter", backend="torch").eval()
+    batch = ids_of(AutoTokenizer.from_pretrained(encoder), ["the movie was great", "what a dull trip"])
+    with torch.no_grad():
+        assert torch.allclose(peft_model.eval()(**batch).logits, ours(**batch).logits, atol=1e-5)
+
+
+def test_patch_reports_layer_norm_as_what_it_is(encoder):
+    from transformers import AutoModelForSequenceClassification
+
+    from trilora.patching import patch
+    model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=2)
+    report = patch(model, backend="torch", warn=False)
+    kinds = {kind for _, kind, _ in report.skipped}
+    assert "rms_norm" not in kinds and "layer_norm" in kinds and report.count("rms_norm") == 0
+    assert "trilora fuses RMSNorm, not LayerNorm" in str(report)

@@ -198,7 +198,9 @@ def patch(model: nn.Module, backend: str = "auto", *, rms_norm: bool = True, mlp
         hit = by_class.get(type(module))
         if hit is None:
             kind = _kind_of_unknown(module)
-            if kind and enabled[kind]:
+            if kind == "layer_norm":  # trilora fuses RMSNorm only; a LayerNorm is not one
+                report.skipped.append((name, kind, f"{type(module).__name__} (trilora fuses RMSNorm, not LayerNorm)"))
+            elif kind and enabled[kind]:
                 report.skipped.append((name, kind, f"unsupported class {type(module).__name__}"))
             continue
         kind, fam = hit
