@@ -148,7 +148,8 @@ def test_eval_of_a_classification_file(tmp_path, monkeypatch):
     rows = [{"text": f"review {i}", "label": label} for i, label in enumerate(["pos", "neg", "pos", "neu"])]
     data = write_jsonl(tmp_path / "cls.jsonl", rows)
     predictions = ["pos", "pos", "neg", "neu"]  # generation is replaced: the metrics must follow these
-    monkeypatch.setattr(trainer_run, "generate_completions", lambda *a, **k: list(predictions))
+    from trilora.trainer import evaluate as trainer_evaluate
+    monkeypatch.setattr(trainer_evaluate, "generate_completions", lambda *a, **k: list(predictions))
     report = tmp_path / "r.json"
     code, _, err = run_cli(["eval", "--data", data, "--output", report, "--kernel-backend", "torch"])
     assert code == 0, err[-2000:]

@@ -104,7 +104,7 @@ def _eval(args) -> int:
 
     from .trainer.config import TrainConfig
     from .trainer.data import label_set, load_records
-    from .trainer.run import evaluate_split
+    from .trainer.evaluate import evaluate_split
 
     model, tokenizer, task = _load_for_inference(args)
     records, report = load_records(args.data, None if args.format == "auto" else args.format)

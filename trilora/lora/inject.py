@@ -172,10 +172,10 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str
         if any(isinstance(m, Linear4bit) for m in module.modules()):
             raise ValueError(f"modules_to_save module {name!r} is 4-bit and cannot be trained in full; "
                              "leave it out of quantize_model (skip=...)")
-    too_big = [n for n in targets if config.r > min(linear_dims(model.get_submodule(n))[:2])]
+    too_big = _rank_excess(model, targets, config.r)
     if too_big:
         warnings.warn(f"LoRA rank {config.r} exceeds min(in, out) of {len(too_big)} layer(s), e.g. "
-                      f"{too_big[0]!r}: the extra rank adds parameters but no expressiveness", UserWarning,
+                      f"{too_big[0][0]!r}: the extra rank adds parameters but no expressiveness", UserWarning,
                       stacklevel=2)
 
     for p in model.parameters():
@@ -216,6 +216,21 @@ def _mark_biases(model: nn.Module, bias: str) -> None:
 
 # ----------------------------------------------------------------------------- reporting
 
+def _rank_excess(model: nn.Module, targets: list[str], r: int) -> list[tuple[str, int]]:
+    """(layer, min(in, out)) of the targeted layers whose min(in, out) is below r, smallest first."""
+    dims = [(n, min(linear_dims(model.get_submodule(n))[:2])) for n in targets]
+    return sorted([(n, d) for n, d in dims if r > d], key=lambda item: item[1])
+
+
+def rank_excess(model: nn.Module, config: LoraConfig) -> list[tuple[str, int]]:
+    """The layers `config` would adapt whose min(in, out) is below its rank r, as (name,
+    min(in, out)), smallest first: the rank there adds parameters but no expressiveness.
+    `add_lora` warns about them (PEFT allows them); `trilora train` refuses them. Raises
+    ValueError for target names that match nothing, listing the model's linear layers."""
+    targets, _ = resolve_targets(model, resolve_config(model, config))
+    return _rank_excess(model, targets, config.r)
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit weight counts its real element count."""
     four_bit = {id(m.weight): m.quant_state.numel for m in model.modules() if isinstance(m, Linear4bit)}
@@ -234,5 +249,5 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
 
 
-__all__ = ["add_lora", "get_lora_config", "lora_layers", "linear_module_names", "resolve_targets",
+__all__ = ["rank_excess", "add_lora", "get_lora_config", "lora_layers", "linear_module_names", "resolve_targets",
            "resolve_config", "set_lora_backend", "trainable_parameters", "trainable_summary", "CONFIG_ATTR"]

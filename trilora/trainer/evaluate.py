@@ -1,4 +1,5 @@
-"""Evaluation: loss and perplexity, exact match by generation, classification metrics."""
+"""Evaluation: loss and perplexity, exact match by generation, classification metrics,
+entity metrics, and `evaluate_split` (a split's metrics for the run's task)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,15 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .tasks import loss_sum
+from .data_batch import collate_padded
+from .data_tokenize import prompt_ids, tokenize_records
+from .tasks import loss_sum, tokenize_classification
+
+MAX_EVAL_GENERATIONS = 200  # generation is slow: the metric uses at most this many test records
+
+
+class NonFiniteError(ValueError):
+    """A NaN/Inf loss, gradient or weight: the run stops instead of writing a broken result."""
 
 
 @torch.no_grad()
@@ -161,3 +170,85 @@ def format_metrics(result: dict) -> str:
                      f"{result.get('entities', 0):7d}")
         lines.append(f"token accuracy {result['token_accuracy']:.3f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- a split
+
+def task_dataset(records, tokenizer, config, task: str = "generate", label2id=None):
+    """(dataset, report) of `records` for `task` (see trainer.tasks)."""
+    if task == "classify":
+        return tokenize_classification(records, tokenizer, label2id, config.max_length)
+    if task == "tag":
+        from .tagging import tokenize_tagging
+        return tokenize_tagging(records, tokenizer, label2id, config.max_length)
+    return tokenize_records(records, tokenizer, config.max_length, template=config.template)
+
+
+def loss_batches(records, tokenizer, config, task: str = "generate", label2id=None) -> list[dict]:
+    from .data_batch import BatchIterator
+    dataset, _ = task_dataset(records, tokenizer, config, task, label2id)
+    return list(BatchIterator(dataset, config.batch_size, pad_token_id=pad_id(tokenizer), shuffle=False))
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def primary_metric_name(records, task: str = "generate") -> tuple[str, bool]:
+    """(metric, higher_is_better) for the records' format and the task."""
+    if task == "tag":
+        return "f1", True  # entity-level, micro-averaged
+    fmt = records[0].format
+    if fmt == "text":
+        return "perplexity", False
+    return ("accuracy", True) if fmt == "classification" else ("exact_match", True)
+
+
+def evaluate_split(model, tokenizer, records, config, device, autocast_dtype,
+                   labels=None, task: str = "generate") -> dict:
+    """Loss, perplexity and the task's metrics of `records`: exact match (generation),
+    classification metrics (generated labels, or a head's predictions), entity F1 (tagging)."""
+    label2id = dict(model.config.label2id) if task != "generate" else None
+    dataset, _ = task_dataset(records, tokenizer, config, task, label2id)
+    # in record order (BatchIterator groups by length): predictions line up with their records
+    batches = [collate_padded([dataset[j] for j in range(i, min(i + config.batch_size, len(dataset)))],
+                              pad_id(tokenizer)) for i in range(0, len(dataset), config.batch_size)]
+    result = evaluate_loss(model, batches, device, autocast_dtype, task)
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteError(f"the evaluation loss is {result['loss']}: the model's weights or outputs hold NaN/Inf")
+    if task == "classify":
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+        probs = predict_classes(model, batches, device, autocast_dtype)
+        predictions = [id2label[int(p.argmax())] for p in probs]
+        references = [r.data["label"] for r in records if r.where in set(dataset.where)]
+        result.update(classification_metrics(predictions, references, [id2label[i] for i in sorted(id2label)]))
+        result["examples"] = [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]
+        return result
+    if task == "tag":
+        from .tagging import entity_metrics, predictions_to_word_tags
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+        token_preds = predict_tokens(model, batches, device, autocast_dtype)
+        kept = [r for r in records if r.where in set(dataset.where)]
+        predicted = [predictions_to_word_tags(ids, word_ids, id2label, n_words=n)
+                     for ids, word_ids, n in zip(token_preds, dataset.word_ids, dataset.n_words)]
+        truth = [r.data["tags"][:len(p)] for r, p in zip(kept, predicted)]
+        result.update(entity_metrics(truth, predicted))
+        return result
+    metric, _ = primary_metric_name(records)
+    if metric == "perplexity":
+        return result
+    sample = records[:MAX_EVAL_GENERATIONS]
+    prompts, references = zip(*(prompt_ids(r, tokenizer, config.template) for r in sample))
+    # the length budget holds for generation too: a prompt keeps its last tokens (those next to
+    # the answer) so that prompt + answer fit --max-length
+    budget = max(1, config.max_length - config.eval_max_new_tokens)
+    prompts = [p[-budget:] for p in prompts]
+    predictions = generate_completions(model, tokenizer, prompts, config.eval_max_new_tokens, device,
+                                       batch_size=max(config.batch_size, 32))
+    if metric == "accuracy":
+        result.update(classification_metrics(predictions, references, labels))
+    else:
+        result["exact_match"] = exact_match(predictions, references)
+    result["generated"] = len(sample)
+    result["examples"] = [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]
+    return result

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                          verify_checkpoint)
 from .config import TrainConfig
-from .evaluate import evaluate_loss
+from .evaluate import NonFiniteError, evaluate_loss
 from .tasks import batch_loss, loss_units
 from .outputs import write_dir
 
@@ -35,10 +35,6 @@ class TrainingStopped(Exception):
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; its state is in "
                          f"{checkpoint}: run the same command with --resume to continue")
-
-
-class NonFiniteError(ValueError):
-    """A NaN/Inf loss, gradient or weight: the run stops instead of writing a broken result."""
 
 
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import warnings
@@ -17,26 +16,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..lora import LoraConfig, add_lora, load_adapter, load_adapter_weights, save_adapter
+from ..lora import LoraConfig, add_lora, load_adapter, load_adapter_weights, rank_excess, save_adapter
 from ..lora.config import SEQ_CLS_HEADS
-from ..lora.inject import resolve_config, resolve_targets
-from ..lora.layer import linear_dims
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import label_set
-from .data_batch import BatchIterator, collate_padded
+from .data_batch import BatchIterator
 from .data_mix import Splits, load_splits, mix, stages
-from .data_tokenize import prompt_ids, tokenize_records
-from .tasks import (PEFT_TASK_TYPES, class_weights, head_config, label_list, model_class, resolve_task,
-                    tokenize_classification)
-from .evaluate import (classification_metrics, evaluate_loss, exact_match, format_metrics, generate_completions,
-                       predict_classes, predict_tokens)
+from .tasks import (PEFT_TASK_TYPES, class_weights, head_config, label_list, model_class, resolve_task)
+from .evaluate import (evaluate_split, format_metrics, loss_batches, pad_id,
+                       primary_metric_name, task_dataset)
+from .plots import plot_confusion, plot_losses
 from .loading import check_model_dir, load_model, load_tokenizer
-from .loop import NonFiniteError, Trainer, resume_point
+from .loop import Trainer, resume_point
 from .outputs import RunLock, claim, write_dir, write_json
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
-MAX_EVAL_GENERATIONS = 200  # generation is slow: the metric uses at most this many test records
 
 
 def seed_everything(seed: int) -> None:
@@ -167,14 +162,14 @@ def _targets(target_modules):
 
 
 def _check_rank(model, lora: LoraConfig) -> None:
-    """A rank above min(in, out) of an adapted layer adds parameters but no expressiveness:
-    almost surely a mistake (unknown target names raise here too, listing the model's layers)."""
-    targets, _ = resolve_targets(model, resolve_config(model, lora))
-    dims = {name: min(linear_dims(model.get_submodule(name))[:2]) for name in targets}
-    name = min(dims, key=dims.get, default=None)
-    if name is not None and lora.r > dims[name]:
-        raise ValueError(f"rank too large: r={lora.r} exceeds min(in, out) = {dims[name]} of the adapted "
-                         f"layer {name!r}; use --r {dims[name]} or less")
+    """The trainer refuses what add_lora only warns about (the rule is `rank_excess`): a rank
+    above min(in, out) of an adapted layer adds parameters but no expressiveness, almost
+    surely a mistake on the command line (unknown target names raise here too)."""
+    excess = rank_excess(model, lora)
+    if excess:
+        name, dim = excess[0]
+        raise ValueError(f"rank too large: r={lora.r} exceeds min(in, out) = {dim} of the adapted "
+                         f"layer {name!r}; use --r {dim} or less")
 
 
 def weight_io(model, config: TrainConfig):
@@ -199,85 +194,6 @@ def weight_io(model, config: TrainConfig):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def task_dataset(records, tokenizer, config: TrainConfig, task: str = "generate", label2id=None):
-    """(dataset, report) of `records` for `task` (see trainer.tasks)."""
-    if task == "classify":
-        return tokenize_classification(records, tokenizer, label2id, config.max_length)
-    if task == "tag":
-        from .tagging import tokenize_tagging
-        return tokenize_tagging(records, tokenizer, label2id, config.max_length)
-    return tokenize_records(records, tokenizer, config.max_length, template=config.template)
-
-
-def loss_batches(records, tokenizer, config: TrainConfig, task: str = "generate", label2id=None) -> list[dict]:
-    dataset, _ = task_dataset(records, tokenizer, config, task, label2id)
-    return list(BatchIterator(dataset, config.batch_size, pad_token_id=_pad_id(tokenizer), shuffle=False))
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def primary_metric_name(records, task: str = "generate") -> tuple[str, bool]:
-    """(metric, higher_is_better) for the records' format and the task."""
-    if task == "tag":
-        return "f1", True  # entity-level, micro-averaged
-    fmt = records[0].format
-    if fmt == "text":
-        return "perplexity", False
-    return ("accuracy", True) if fmt == "classification" else ("exact_match", True)
-
-
-def evaluate_split(model, tokenizer, records, config: TrainConfig, device, autocast_dtype,
-                   labels=None, task: str = "generate") -> dict:
-    """Loss, perplexity and the task's metrics of `records`: exact match (generation),
-    classification metrics (generated labels, or a head's predictions), entity F1 (tagging)."""
-    label2id = dict(model.config.label2id) if task != "generate" else None
-    dataset, _ = task_dataset(records, tokenizer, config, task, label2id)
-    # in record order (BatchIterator groups by length): predictions line up with their records
-    batches = [collate_padded([dataset[j] for j in range(i, min(i + config.batch_size, len(dataset)))],
-                              _pad_id(tokenizer)) for i in range(0, len(dataset), config.batch_size)]
-    result = evaluate_loss(model, batches, device, autocast_dtype, task)
-    if not math.isfinite(result["loss"]):
-        raise NonFiniteError(f"the evaluation loss is {result['loss']}: the model's weights or outputs hold NaN/Inf")
-    if task == "classify":
-        id2label = {int(k): v for k, v in model.config.id2label.items()}
-        probs = predict_classes(model, batches, device, autocast_dtype)
-        predictions = [id2label[int(p.argmax())] for p in probs]
-        references = [r.data["label"] for r in records if r.where in set(dataset.where)]
-        result.update(classification_metrics(predictions, references, [id2label[i] for i in sorted(id2label)]))
-        result["examples"] = [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]
-        return result
-    if task == "tag":
-        from .tagging import entity_metrics, predictions_to_word_tags
-        id2label = {int(k): v for k, v in model.config.id2label.items()}
-        token_preds = predict_tokens(model, batches, device, autocast_dtype)
-        kept = [r for r in records if r.where in set(dataset.where)]
-        predicted = [predictions_to_word_tags(ids, word_ids, id2label, n_words=n)
-                     for ids, word_ids, n in zip(token_preds, dataset.word_ids, dataset.n_words)]
-        truth = [r.data["tags"][:len(p)] for r, p in zip(kept, predicted)]
-        result.update(entity_metrics(truth, predicted))
-        return result
-    metric, _ = primary_metric_name(records)
-    if metric == "perplexity":
-        return result
-    sample = records[:MAX_EVAL_GENERATIONS]
-    prompts, references = zip(*(prompt_ids(r, tokenizer, config.template) for r in sample))
-    # the length budget holds for generation too: a prompt keeps its last tokens (those next to
-    # the answer) so that prompt + answer fit --max-length
-    budget = max(1, config.max_length - config.eval_max_new_tokens)
-    prompts = [p[-budget:] for p in prompts]
-    predictions = generate_completions(model, tokenizer, prompts, config.eval_max_new_tokens, device,
-                                       batch_size=max(config.batch_size, 32))
-    if metric == "accuracy":
-        result.update(classification_metrics(predictions, references, labels))
-    else:
-        result["exact_match"] = exact_match(predictions, references)
-    result["generated"] = len(sample)
-    result["examples"] = [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]
-    return result
-
 
 # ----------------------------------------------------------------------------- the run
 
@@ -338,7 +254,7 @@ def _train(config: TrainConfig, out: Path) -> dict:
     train_set, report = task_dataset(splits.train, tokenizer, config, task, label2id)
     if is_main():
         print(report)
-    train_batches = BatchIterator(train_set, config.batch_size, pad_token_id=_pad_id(tokenizer),
+    train_batches = BatchIterator(train_set, config.batch_size, pad_token_id=pad_id(tokenizer),
                                   mode="pack" if config.packing else "pad", max_length=config.max_length,
                                   seed=config.seed)
     val_batches = (loss_batches(splits.validation, tokenizer, config, task, label2id)
@@ -469,51 +385,3 @@ def _model_config(model_dir: Path):
         from types import SimpleNamespace
         return SimpleNamespace(model_type="gguf", architectures=["GGUFForCausalLM"])
     return AutoConfig.from_pretrained(model_dir)
-
-
-def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path) -> None:
-    """The confusion matrix (rows: true class, columns: predicted) as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(3.0, 0.6 * len(labels) + 1.5)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i, row in enumerate(matrix):
-        for j, count in enumerate(row):
-            ax.text(j, i, str(count), ha="center", va="center")
-    fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Train and validation loss against step, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val_pts = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train")
-    if val_pts:
-        ax.plot(*zip(*val_pts), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
