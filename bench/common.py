@@ -1,6 +1,6 @@
 """Shared by the benchmark scripts: device facts, timing by the project's method, JSON rows.
 
-Timing (../shared/notes/gpu.md): median of `triton.testing.do_bench` after warm-up, on random
+Timing: median of `triton.testing.do_bench` after warm-up, on random
 data. Nothing is ever timed on a CPU or under the interpreter: `--smoke` runs the harness on
 tiny CPU shapes and records `null` timings, so a test can keep the harness from rotting.
 """

@@ -1,6 +1,6 @@
 """Shared by the transformer-block kernel tests (rms_norm, rope, swiglu, cross_entropy).
 
-Error metric (../shared/notes/triton-on-cpu.md): ‖out − ref‖ / ‖ref‖ against a float64
+Error metric: ‖out − ref‖ / ‖ref‖ against a float64
 reference computed from the same (rounded) inputs. fp32 must be ≤ FP32_TOL; a low-precision
 result must be within 2 × the error of torch/HF in the same dtype, plus FP16_ATOL.
 """

@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     def backend_arg(p):
-        p.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default="auto",
+        from .kernels.backend import BACKENDS
+        p.add_argument("--kernel-backend", choices=BACKENDS, default="auto",
                        help="LoRA / 4-bit kernels (default: auto, Triton where it runs)")
 
     def inference_args(p, adapter_required=False):

@@ -28,9 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trilora.kernels.cross_entropy import fused_linear_cross_entropy
+from trilora.kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy
 
-IGNORE_INDEX = -100
 _LABELS_POSITION = 5  # forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, ...)
 
 

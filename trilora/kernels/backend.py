@@ -20,6 +20,14 @@ except ImportError:  # e.g. macOS / Windows wheels of torch without triton
     HAS_TRITON = False
 
 BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every op computes in
+
+
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] → [rows, N] with unit column stride (a view when the strides allow it): the
+    layout the row-wise kernels (RMSNorm, SwiGLU) read."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def interpreter_active() -> bool:

@@ -27,13 +27,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, check_same_device, resolve_backend
+from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, resolve_backend
+
+IGNORE_INDEX = -100  # the label no loss counts (torch's cross_entropy default, HF's padding label)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum")
 BLOCK_V_MAX = 8192  # vocab columns per loop step of one row's program. Untuned default.
 DW_MIN_CHUNK = 1024  # smallest default chunk when dW is computed (see default_chunk_size)
@@ -41,7 +42,7 @@ DW_MIN_CHUNK = 1024  # smallest default chunk when dW is computed (see default_c
 
 # ----------------------------------------------------------------------------- reference
 
-def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                       label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     """HF's loss math: `F.cross_entropy(logits.float(), labels, ...)`, but an all-ignored
     batch gives 0 instead of NaN under "mean". logits [N, V], labels [N] int.
@@ -57,7 +58,7 @@ def cross_entropy_ref(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 
 def fused_linear_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                                   ignore_index: int = -100, label_smoothing: float = 0.0,
+                                   ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
                                    reduction: str = "mean", lm_head_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: full logits `hidden @ Wᵀ + b` in hidden's dtype, then `cross_entropy_ref`."""
     logits = F.linear(hidden, lm_head_weight, lm_head_bias)
@@ -127,7 +128,7 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- launchers
 
-def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                        label_smoothing: float = 0.0, grad: torch.Tensor | None = None,
                        grad_scale: float = 1.0, loss: torch.Tensor | None = None,
                        block_v: int | None = None) -> torch.Tensor:
@@ -269,7 +270,7 @@ def _check_options(label_smoothing: float, reduction: str) -> None:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                   label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """Cross-entropy of logits [..., V] (fp32/fp16/bf16) against labels [...] (int64/int32).
 
@@ -296,7 +297,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                               ignore_index: int = -100, label_smoothing: float = 0.0,
+                               ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
                                reduction: str = "mean", lm_head_bias: torch.Tensor | None = None,
                                chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
     """`cross_entropy(hidden @ lm_head_weightᵀ + lm_head_bias, labels)` without the full logits.
@@ -353,7 +354,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """Module form of `fused_linear_cross_entropy`: `loss = module(hidden, lm_head_weight, labels, bias)`."""
 
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+    def __init__(self, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0, reduction: str = "mean",
                  chunk_size: int | None = None, backend: str = "auto"):
         super().__init__()
         _check_options(label_smoothing, reduction)

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from .backend import HAS_TRITON, check_same_device, resolve_backend
+from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, resolve_backend, rows_2d
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HIDDEN = 65536  # one row must fit one program's registers
 
 
@@ -157,11 +156,6 @@ def _n_programs(device: torch.device) -> int:
     return 4
 
 
-def _rows_2d(t: torch.Tensor) -> torch.Tensor:
-    """[..., H] → [rows, H] with unit column stride (a view when the strides allow it)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +205,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, gemma):
-        x2d = _rows_2d(x)                                   # [rows, H]
+        x2d = rows_2d(x)                                   # [rows, H]
         y, rstd = rms_norm_forward(x2d, weight, eps, gemma)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.gemma, ctx.x_shape = gemma, x.shape
@@ -220,7 +214,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(_rows_2d(dy), x2d, weight, rstd, ctx.gemma, ctx.needs_input_grad[1])
+        dx, dw = rms_norm_backward(rows_2d(dy), x2d, weight, rstd, ctx.gemma, ctx.needs_input_grad[1])
         return dx.view(ctx.x_shape), dw, None, None
 
 

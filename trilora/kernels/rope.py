@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from .backend import HAS_TRITON, check_same_device, resolve_backend
+from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, resolve_backend
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -18,13 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, check_same_device, resolve_backend
+from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, resolve_backend, rows_2d
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 1024  # elements per program (fewer for short rows). Untuned default.
 
 
@@ -81,11 +80,6 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- launchers
 
-def _rows_2d(t: torch.Tensor) -> torch.Tensor:
-    """[..., I] → [rows, I] with unit column stride (a view when the strides allow it)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
 def _flat(*ts: torch.Tensor) -> tuple[int, int, list[int]]:
     """(rows, cols, row strides) of the launch: contiguous operands collapse to one long row
@@ -130,7 +124,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up):
-        gate2d, up2d = _rows_2d(gate), _rows_2d(up)     # [rows, I]
+        gate2d, up2d = rows_2d(gate), rows_2d(up)     # [rows, I]
         ctx.save_for_backward(gate2d, up2d)
         ctx.shape = gate.shape
         return swiglu_forward(gate2d, up2d).view(gate.shape)
@@ -138,7 +132,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         gate2d, up2d = ctx.saved_tensors
-        dgate, dup = swiglu_backward(_rows_2d(dh), gate2d, up2d)
+        dgate, dup = swiglu_backward(rows_2d(dh), gate2d, up2d)
         return dgate.view(ctx.shape), dup.view(ctx.shape)
 
 

@@ -1,6 +1,6 @@
 """`LoraConfig`: what to adapt and how, and its PEFT `adapter_config.json` form.
 
-Field names follow the task brief (`alpha`, `dropout`); the JSON uses PEFT's names
+Field names are short (`alpha`, `dropout`); the JSON uses PEFT's names
 (`lora_alpha`, `lora_dropout`) so `peft.PeftModel.from_pretrained` reads our adapters and we
 read PEFT's.
 """

@@ -20,13 +20,13 @@ import torch.nn as nn
 
 from trilora.quant import Linear4bit
 
+from ..kernels.backend import BACKENDS
 from ..modules import replace_module
 
 from .config import DEFAULT_TARGET_MODULES, HEAD_TASK_TYPES, SEQ_CLS_HEADS, LoraConfig
 from .layer import LoraLinear, TrainableCopy, linear_dims
 
 CONFIG_ATTR = "trilora_lora_config"  # the LoraConfig of an adapted model, read by save_adapter
-BACKENDS = ("auto", "triton", "torch")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.backend import check_has_data, check_same_device, resolve_backend
+from ..kernels.backend import FLOAT_DTYPES, check_has_data, check_same_device, resolve_backend
 from ..kernels.codebooks import QUANT_TYPES, code_4bit, dynamic_map_signed
 from ..kernels.dequantize_4bit import dequantize_4bit_ref, dequantize_4bit_triton, restore_absmax_ref
 from ..kernels.quantize_blockwise import (quantize_4bit_ref, quantize_4bit_triton,
@@ -11,7 +11,6 @@ from ..kernels.quantize_blockwise import (quantize_4bit_ref, quantize_4bit_trito
 from .state import QuantState
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_BLOCKSIZE = 256
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
+from ..kernels.backend import BACKENDS as KERNEL_BACKENDS
 from .data import FORMATS
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
 def _f(default, help: str, **kw):

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.cross_entropy import IGNORE_INDEX  # the label value no loss counts
 from .data import Record
 
-IGNORE_INDEX = -100  # the label value torch's cross_entropy (and HF's loss) skips
 
 DEFAULT_TEMPLATES = {
     "alpaca": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",

@@ -10,9 +10,8 @@ import numbers
 
 import torch
 
-from ..backend import check_same_device
+from ..backend import FLOAT_DTYPES, check_same_device
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_quant_state(weight: torch.Tensor, quant_state, in_features: int) -> tuple[int, int]:
