@@ -225,3 +225,23 @@ def test_demo_data_is_the_same_in_every_process():
                               capture_output=True, text=True, check=True).stdout.split()[-1]
                for seed in ("1", "2")}
     assert len(digests) == 1
+
+
+def test_evaluation_loss_never_holds_the_logits(monkeypatch):
+    """A causal LM's evaluation loss goes through the fused linear cross-entropy (no [tokens,
+    vocab] logits) and equals the loss from the model's own logits."""
+    from _trainer_helpers import tiny_llama
+
+    from trilora.trainer import evaluate as ev
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    batches = [{"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}]
+    fused = ev.evaluate_loss(model, batches, torch.device("cpu"))
+    lm_head_calls = []
+    model.lm_head.register_forward_hook(lambda *a: lm_head_calls.append(1))
+    assert ev.evaluate_loss(model, batches, torch.device("cpu"))["loss"] == fused["loss"] and not lm_head_calls
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels).loss.item()
+    assert fused["loss"] == pytest.approx(want, rel=1e-5) and fused["tokens"] == int((labels[:, 1:] != -100).sum())

@@ -9,6 +9,7 @@ import torch
 
 from .data_batch import collate_padded
 from .data_tokenize import prompt_ids, tokenize_records
+from ..kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy
 from .tasks import loss_sum, tokenize_classification
 
 MAX_EVAL_GENERATIONS = 200  # generation is slow: the metric uses at most this many test records
@@ -29,12 +30,38 @@ def evaluate_loss(model, batches: Iterable[dict], device, autocast_dtype=None, t
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(**batch).logits
-        part, n = loss_sum(logits, labels, task)
+            fused = _fused_causal_loss(model, batch, labels) if task == "generate" else None
+            part, n = fused if fused is not None else loss_sum(model(**batch).logits, labels, task)
         total, tokens = total + part, tokens + n
     model.train(was_training)
     loss = total / tokens if tokens else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def _fused_causal_loss(model, batch: dict, labels: torch.Tensor) -> tuple[float, int] | None:
+    """(summed loss, predicted tokens) through the backbone and the fused linear cross-entropy,
+    so that evaluation never holds the [tokens, vocab] logits (the memory the fused loss exists
+    to save); None where the head is not a plain linear map of the hidden states (logit
+    soft-capping or scaling, an adapted or missing head): then the model's logits are used."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if config is None or head is None or backbone is None or not isinstance(getattr(head, "weight", None), torch.Tensor) \
+            or head.weight.dim() != 2 or any(getattr(config, k, None) for k in
+                                              ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    shifted = labels[:, 1:]
+    n = int((shifted != IGNORE_INDEX).sum())
+    if not n:
+        return 0.0, 0
+    hidden = backbone(**batch).last_hidden_state[:, :-1]
+    weight = head.weight.to(hidden.dtype)
+    bias = None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype)
+    # the kernels the model's own layers run (a LoRA / 4-bit layer's backend), else auto
+    backend = next((m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), str)), "auto")
+    loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted.reshape(-1),
+                                      reduction="sum", lm_head_bias=bias, backend=backend)
+    return loss.item(), n
 
 
 @torch.no_grad()
