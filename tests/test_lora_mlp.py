@@ -21,7 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from trilora.kernels.lora import lora_dropout_mask, lora_mlp, lora_mlp_ref
 from trilora.kernels.lora.mlp import glu_backward_, glu_forward, glu_ref
 from trilora.lora import LoraLinear
-from trilora.patch_modules import TriloraMLP
+from trilora.patching.blocks import TriloraMLP
 
 engine = importlib.import_module("trilora.kernels.lora.engine")
 HIDDEN, INTER = 48, 80

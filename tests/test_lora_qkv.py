@@ -17,7 +17,7 @@ from _lora_blocks import DEV, cast, grads_of, make_projection
 
 from trilora.kernels.lora import Projection, lora_dropout_mask, lora_projections, lora_projections_ref, lora_qkv
 from trilora.lora import LoraLinear
-from trilora.patch_modules import projections_of
+from trilora.patching.blocks import projections_of
 
 projections = importlib.import_module("trilora.kernels.lora.projections")
 engine = importlib.import_module("trilora.kernels.lora.engine")

@@ -83,7 +83,7 @@ def test_bf16_input_is_saved_as_is_not_as_fp32_copy():
     for base in (nn.Linear(IN, OUT, bias=False).to(torch.bfloat16), _quantized(compute_dtype=torch.bfloat16)):
         layer = LoraLinear(base, R, 16, backend="torch")
         x = torch.randn(4, 6, IN, dtype=torch.bfloat16, requires_grad=True)
-        _, saved = saved_by(lambda: layer(x))
+        _, saved = saved_by(lambda layer=layer, x=x: layer(x))
         big = [s for s in saved if s[2] >= x.numel()]
         assert all(s[1] == torch.bfloat16 for s in big if s[1].is_floating_point), saved
         assert x.untyped_storage().data_ptr() in {s[3] for s in saved}  # x itself, no copy

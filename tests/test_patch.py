@@ -19,8 +19,8 @@ from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCa
 from trilora.kernels.rms_norm import RMSNorm
 from trilora.lora import LoraConfig, add_lora, adapter_state_dict, set_lora_backend
 from trilora.patching import PatchReport, patch
-from trilora.patch_loss import FusedLMHead
-from trilora.patch_modules import TriloraAttention, TriloraMLP
+from trilora.patching.loss import FusedLMHead
+from trilora.patching.blocks import TriloraAttention, TriloraMLP
 from trilora.quant import quantize_model
 
 VOCAB, SEQ = 128, 11

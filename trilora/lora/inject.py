@@ -21,7 +21,7 @@ import torch.nn as nn
 from trilora.quant import Linear4bit
 
 from ..kernels.backend import BACKENDS
-from ..modules import replace_module
+from ..module_tree import replace_module
 
 from .config import DEFAULT_TARGET_MODULES, HEAD_TASK_TYPES, SEQ_CLS_HEADS, LoraConfig
 from .layer import LoraLinear, TrainableCopy, linear_dims

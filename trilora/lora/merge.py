@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from trilora.quant import Linear4bit, dequantize_4bit
 
-from ..modules import replace_module
+from ..module_tree import replace_module
 from .inject import CONFIG_ATTR, get_lora_config, lora_layers
 from .layer import LoraLinear, TrainableCopy
 

@@ -1,13 +1,14 @@
 """`Linear4bit`: a frozen 4-bit linear layer whose state dict is bitsandbytes' own."""
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..modules import name_matches, replace_module
+from ..kernels.lora.linear import linear_4bit_ref
+from ..module_tree import name_matches, replace_module
 from .functional import dequantize_4bit, quantize_4bit, validate_quant_state
 from .state import QuantState
 
@@ -101,9 +102,15 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.weight, self.quant_state, dtype=dtype, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] → [..., out] in x's dtype, computed in `compute_dtype` (default x's).
+
+        The dense weight exists only during the matmul: backward dequantizes it again
+        instead of keeping it (`linear_4bit_ref`), as bitsandbytes' Linear4bit does.
+        """
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.dequantize(dtype), bias).to(x.dtype)
+        dequantize = functools.partial(dequantize_4bit, backend=self.backend)
+        return linear_4bit_ref(x.to(dtype), self.weight, self.quant_state, bias, dequantize).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

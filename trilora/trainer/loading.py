@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 
 from ..files import open_safetensors
 from ..gguf_io import is_gguf, load_gguf, load_gguf_tokenizer
-from ..modules import name_matches, replace_module
+from ..module_tree import name_matches, replace_module
 from ..quant import Linear4bit
 
 def _shards(path: Path) -> list[Path]:

@@ -43,6 +43,62 @@ def dequantize_base_ref(weight: torch.Tensor, quant_state, dtype: torch.dtype) -
     return flat.view(tuple(quant_state.shape))
 
 
+def _dx_like_autograd(dy: torch.Tensor, w: torch.Tensor, x_shape, colmajor: bool) -> torch.Tensor:
+    """dX = dY · W laid out as autograd's backward of `F.linear(x, w)` lays it out (matmul folds
+    x to 2-D, and mm's backward returns a column-major dX for a column-major x), so the
+    recomputing path below gives the very bits autograd did."""
+    dy2 = dy.reshape(-1, dy.shape[-1])                                    # [M, out]
+    if colmajor:
+        return w.t().mm(dy2.t()).t().view(x_shape)
+    return dy2.mm(w).view(x_shape)
+
+
+class DequantizedLinearFunction(torch.autograd.Function):
+    """`F.linear(x, dequantize(weight, quant_state, x.dtype), bias)` that saves only the packed
+    4-bit weight for backward and dequantizes it again there.
+
+    Why: autograd through `F.linear(x, dense_w)` saves the dense weight for dX = dY · W, so
+    each layer's dequantized copy ([out, in] in x's dtype: 8x the packed bytes in fp32) lived
+    from its forward to its backward, and at the loss a QLoRA model held a dense copy of all
+    its 4-bit weights (+403 MiB of saved tensors on SmolLM2-135M's shape in fp32, see
+    bench/bench_cpu_memory.py). bitsandbytes' MatMul4Bit recomputes the same way. The forward
+    is the same F.linear call and the gradients the same ops autograd runs, so every number
+    is bit-identical; the cost is one more dequantization per backward.
+
+    apply(x, weight, quant_state, bias, dequantize); `dequantize(weight, quant_state, dtype)`
+    returns the dense [out, in] weight (`dequantize_base_ref`, or a layer's own backend).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, bias, dequantize):
+        ctx.save_for_backward(weight)  # the packed bytes, a frozen parameter: nothing is copied
+        ctx.quant_state, ctx.dequantize, ctx.x_shape = quant_state, dequantize, x.shape
+        try:  # matmul folds x to [M, in] by a view when it can; mm's backward keys on its layout
+            x2d = x.view(-1, x.shape[-1])
+            ctx.colmajor = x.dim() >= 2 and x2d.stride(0) == 1 and x2d.stride(1) == x2d.shape[0]
+        except RuntimeError:  # not viewable: folded by a copy, which is row-major
+            ctx.colmajor = False
+        return F.linear(x, dequantize(weight, quant_state, x.dtype), bias)  # the dense copy dies here
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.dequantize(weight, ctx.quant_state, dy.dtype)
+            dx = _dx_like_autograd(dy, w, ctx.x_shape, ctx.colmajor)
+        if ctx.needs_input_grad[3]:  # autograd's sum_to: over every leading dim (none for a 1-D x)
+            dbias = dy.sum(tuple(range(dy.dim() - 1))) if dy.dim() > 1 else dy
+        return dx, None, None, dbias, None
+
+
+def linear_4bit_ref(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: torch.Tensor | None = None,
+                    dequantize=dequantize_base_ref) -> torch.Tensor:
+    """`x Wᵀ + b` over a packed 4-bit W (dequantized to x's dtype) without keeping the dense W
+    for backward (`DequantizedLinearFunction`). x [..., in] → [..., out] in x's dtype."""
+    return DequantizedLinearFunction.apply(x, weight, quant_state, bias, dequantize)
+
+
 def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                     scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
                     quant_state=None, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,14 +106,24 @@ def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
 
     `dropout_mask` (bool, x's shape, True = keep) replaces F.dropout's own random mask, so the
     reference can reproduce the kernels' mask (`lora_dropout_mask`).
+
+    Memory, saved for backward: x (or its dropped copy) and t = x Aᵀ for the adapter's
+    gradients, the base weight only when it is a dense parameter (a 4-bit one is dequantized
+    again in backward), and the mask as bool (1 byte an element, not a float copy).
     """
     if quant_state is not None:
-        weight = dequantize_base_ref(weight, quant_state, x.dtype)
+        base = linear_4bit_ref(x, weight, quant_state, bias)
+    else:
+        base = F.linear(x, weight, bias)
     if dropout_mask is not None:
-        lora_in = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+        # x * bool promotes exactly like x * mask.to(x.dtype), but mul saves the bool mask
+        lora_in = x * dropout_mask / (1.0 - dropout_p)
     else:
         lora_in = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    return F.linear(x, weight, bias) + F.linear(F.linear(lora_in, lora_A), lora_B) * scaling
+    # the low-rank term is scaled and summed in place: its buffer is no one's saved tensor, and
+    # one [M, out] temporary fewer is alive at a time (a + b == b + a bit for bit)
+    lowrank = F.linear(F.linear(lora_in, lora_A), lora_B)
+    return lowrank.mul_(scaling).add_(base)
 
 
 # ----------------------------------------------------------------------------- autograd

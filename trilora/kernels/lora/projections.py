@@ -37,7 +37,7 @@ from ..backend import resolve_backend
 from .checks import autocast_dtype, cast_floats, check_frozen, check_lora_linear_inputs
 from .dropout import lora_dropout_mask, resolve_seed
 from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
-from .linear import dequantize_base_ref, lora_linear_ref
+from .linear import linear_4bit_ref, lora_linear_ref
 
 MAX_SEGMENTS = 3
 
@@ -79,8 +79,9 @@ def projection_ref(x: torch.Tensor, proj: Projection, dropout_p: float = 0.0,
                    dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch `x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` (autograd through torch ops)."""
     if proj.lora_A is None:
-        w = proj.weight if proj.quant_state is None else dequantize_base_ref(proj.weight, proj.quant_state, x.dtype)
-        return F.linear(x, w, proj.bias)
+        if proj.quant_state is None:
+            return F.linear(x, proj.weight, proj.bias)
+        return linear_4bit_ref(x, proj.weight, proj.quant_state, proj.bias)  # no dense W kept for backward
     return lora_linear_ref(x, proj.weight, proj.lora_A, proj.lora_B, proj.scaling, proj.bias, dropout_p,
                            proj.quant_state, dropout_mask)
 

@@ -7,7 +7,7 @@ By module replacement only (no framework function is monkey-patched):
   MLP block: SwiGLU, or GeGLU-tanh for Gemma);
 - attention modules → `TriloraAttention` (q/k/v as one `lora_qkv` block, the RoPE kernel; HF's
   cache and attention functions; transformers 5 attention API);
-- CausalLM lm_head + loss → `FusedLMHead` and two forward hooks (see `patch_loss`): in
+- CausalLM lm_head + loss → `FusedLMHead` and two forward hooks (see `patching/loss.py`): in
   training with labels, the fused linear cross-entropy, and `output.logits` is None.
 
 Whatever patch cannot handle keeps its HF module and is reported (the returned `PatchReport`,
@@ -33,11 +33,11 @@ import torch.nn as nn
 from trilora.kernels.backend import BACKENDS
 from trilora.kernels.rms_norm import RMSNorm
 from trilora.lora.layer import LoraLinear, TrainableCopy
-from trilora.modules import replace_module
+from trilora.module_tree import replace_module
 from trilora.quant import Linear4bit
 
-from .patch_loss import FusedLMHead, install_fused_loss
-from .patch_modules import (TriloraAttention, TriloraMLP, block_dropout, hf_instance, move_hooks,
+from .loss import FusedLMHead, install_fused_loss
+from .blocks import (TriloraAttention, TriloraMLP, block_dropout, hf_instance, move_hooks,
                             unsupported_projection)
 
 logger = logging.getLogger(__name__)
