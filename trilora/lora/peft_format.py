@@ -81,11 +81,16 @@ def base_quantization(model: nn.Module) -> dict | None:
     return {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
 
 
+def _metadata(path: str | os.PathLike, key: str) -> str | None:
+    """One entry of an adapter weights file's safetensors header (trilora's notes beside PEFT's)."""
+    with open_safetensors(os.path.join(os.fspath(path), WEIGHTS_NAME)) as f:
+        return (f.metadata() or {}).get(key)
+
+
 def adapter_base_quantization(path: str | os.PathLike) -> dict | None:
     """The base quantization an adapter directory records (see the module docstring), or None
     (a 16/32-bit base, or an adapter written by PEFT or an older trilora)."""
-    with open_safetensors(os.path.join(os.fspath(path), WEIGHTS_NAME)) as f:
-        text = (f.metadata() or {}).get(BASE_QUANTIZATION_KEY)
+    text = _metadata(path, BASE_QUANTIZATION_KEY)
     if text is None:
         return None
     try:
@@ -99,8 +104,7 @@ def adapter_base_quantization(path: str | os.PathLike) -> dict | None:
 
 def adapter_labels(path: str | os.PathLike) -> list[str] | None:
     """The classes a SEQ_CLS / TOKEN_CLS adapter directory records, in id order, or None."""
-    with open_safetensors(os.path.join(os.fspath(path), WEIGHTS_NAME)) as f:
-        text = (f.metadata() or {}).get(LABELS_KEY)
+    text = _metadata(path, LABELS_KEY)
     if text is None:
         return None
     try:

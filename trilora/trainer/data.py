@@ -37,16 +37,14 @@ Tokenization (`data_tokenize`), splitting and mixing (`data_mix`) and batching
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
-import re
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .data_files import TAG, checked, loads, read_file, unreadable
 
 # Required and optional keys of each format, in detection priority: a more specific format
 # first, because a classification record ({text, label}) also looks like a "text" record.
@@ -58,8 +56,6 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classification": (("text", "label"), ()),
     "text": (("text",), ()),
 }
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-               ".conll": "conll", ".iob": "conll", ".bio": "conll"}
 _MAX_REASONS_IN_ERROR = 5
 
 
@@ -136,10 +132,10 @@ def load_records(source: str | os.PathLike | Sequence[dict], format: str | None 
         raise ValueError(f"unknown record format {format!r}; known formats: {', '.join(FORMATS)}")
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        unit, rows = _read_file(name)
+        unit, rows = read_file(name)
     else:
         name, unit = "records", "item"
-        rows = [(i, *_checked(row)) for i, row in enumerate(source)]
+        rows = [(i, *checked(row)) for i, row in enumerate(source)]
 
     report = CleaningReport(source=name, unit=unit)
     parsed: list[tuple[int, dict]] = []
@@ -206,169 +202,6 @@ def tag_set(records: Iterable[Record]) -> list[str]:
     """
     tags = {tag for r in records if r.format == "tagging" for tag in r.data["tags"]}
     return ["O", *sorted(tags - {"O"})] if tags else []
-
-
-# --------------------------------------------------------------------------- reading files
-
-def _read_file(path: str) -> tuple[str, list[tuple[int, Any, str | None]]]:
-    """("line" or "item", rows of (line or index, parsed row or None, parse error or None)).
-
-    A row of (n, None, None) is a blank line.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    kind = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
-    if kind is None:
-        raise ValueError(f"unsupported data file extension for {path}; "
-                         f"expected one of {', '.join(sorted(_EXTENSIONS))}")
-    if kind == "jsonl":
-        with open(path, "rb") as f:
-            return "line", list(_parse_jsonl(f))
-    with open(path, "rb") as f:
-        raw = f.read()
-    # Undecodable bytes become lone surrogates, so that they cost the record that holds them
-    # (found by `_unreadable`), as in JSONL, instead of refusing the whole file.
-    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    if kind == "json":
-        try:
-            items = _loads(text)
-        except RecursionError:
-            raise ValueError(f"{path} is nested too deeply to parse; "
-                             "a .json file must hold one array of records") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); "
-                             "a .json file must hold one array of records") from None
-        if not isinstance(items, list):
-            raise ValueError(f"{path} must hold a JSON array of records, "
-                             f"got {type(items).__name__}")
-        return "item", [(i, *_checked(item)) for i, item in enumerate(items)]
-    if kind == "conll":
-        return "line", list(_parse_conll(io.StringIO(text)))  # universal newlines
-    lines = io.StringIO(text, newline="")
-    return "line", list(_parse_csv(lines, delimiter="\t" if kind == "tsv" else ","))
-
-
-def _parse_jsonl(lines: Iterable[bytes]) -> Iterator[tuple[int, Any, str | None]]:
-    for number, raw in enumerate(lines, start=1):
-        # Decode line by line so that one bad byte costs one record, not the whole file.
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-        except UnicodeDecodeError:
-            yield number, None, "not valid UTF-8"
-            continue
-        if not line:
-            yield number, None, None
-            continue
-        try:
-            row = _loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
-        except RecursionError:
-            yield number, None, "nested too deeply to parse"
-        else:
-            yield number, *_checked(row)
-
-
-class _LongNumber(str):
-    """An integer literal with more digits than Python converts (sys.get_int_max_str_digits)."""
-
-
-def _parse_int(literal: str) -> int | _LongNumber:
-    limit = sys.get_int_max_str_digits()
-    if limit and len(literal.lstrip("-")) > limit:
-        return _LongNumber(literal)
-    return int(literal)
-
-
-def _loads(text: str) -> Any:
-    return json.loads(text, parse_int=_parse_int)
-
-
-def _unreadable(value: Any) -> str | None:
-    """Why a parsed row cannot be used as text, or None: a string with undecodable bytes (or
-    a lone surrogate escape), or an integer too long to read. Iterative: rows may be deep."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, _LongNumber):
-            return f"a number with {len(item.lstrip('-'))} digits (more than Python reads)"
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return "not valid UTF-8"
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
-
-
-def _checked(row: Any) -> tuple[Any, str | None]:
-    """(row, None), or (None, reason) for a row `_unreadable` refuses."""
-    reason = _unreadable(row)
-    return (None, reason) if reason else (row, None)
-
-
-# Sentinels DictReader puts in a row with too many / too few cells (no real column has them).
-_EXTRA, _MISSING = "\0extra", "\0missing"
-
-
-def _parse_csv(f, delimiter: str) -> Iterator[tuple[int, Any, str | None]]:
-    reader = csv.DictReader(f, delimiter=delimiter, restkey=_EXTRA, restval=_MISSING)
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield reader.line_num, None, f"unreadable CSV row ({exc})"
-            continue
-        number = reader.line_num  # the row's last physical line: quoted cells may span lines
-        if all(v in ("", None) or (isinstance(v, str) and not v.strip()) for v in row.values()):
-            yield number, None, None
-        elif _EXTRA in row or _MISSING in row.values():
-            yield number, None, f"expected {len(reader.fieldnames)} columns, got a different count"
-        else:
-            yield number, *_checked(row)
-
-
-_TAG = re.compile(r"O|[BI]-\S+")
-_COLUMN_SEPARATOR = re.compile(r"[ \t]+")  # not str.split(): a no-break space is token text
-
-
-def _parse_conll(lines: Iterable[str]) -> Iterator[tuple[int, Any, str | None]]:
-    """One row {"tokens", "tags"} per sentence, numbered by the sentence's first line.
-
-    A line with one column costs its sentence (the reason names the line); the sentence's
-    other lines are consumed with it, so they do not come back as a sentence of their own.
-    """
-    first, tokens, tags, error = 0, [], [], None
-
-    def sentence():
-        if error is not None:
-            return first, None, error
-        return first, *_checked({"tokens": tokens, "tags": tags})
-
-    for number, line in enumerate(lines, start=1):
-        columns = _COLUMN_SEPARATOR.split(line.strip(" \t\r\n"))
-        is_docstart = columns[0] == "-DOCSTART-"
-        if not columns[0] or is_docstart:  # a blank line or a document marker ends a sentence
-            if first:
-                yield sentence()
-            first, tokens, tags, error = 0, [], [], None
-            continue
-        if columns[0].startswith("#") and not _TAG.fullmatch(columns[-1]):
-            continue  # a comment ("# sent_id = 3"), unlike the token "#" tagged "O"
-        first = first or number
-        if len(columns) == 1 and error is None:
-            error = (f"line {number} has one column ({columns[0][:40]!r}); "
-                     "expected a token and a tag")
-        tokens.append(columns[0])
-        tags.append(columns[-1])
-    if first:
-        yield sentence()
 
 
 # --------------------------------------------------------------------------- formats
@@ -496,12 +329,12 @@ def _json_cell(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        value = _loads(value)
+        value = loads(value)
     except json.JSONDecodeError as exc:
         raise _Malformed(f"column {key!r} is not valid JSON ({exc.msg})") from None
     except RecursionError:
         raise _Malformed(f"column {key!r} is nested too deeply to parse") from None
-    reason = _unreadable(value)  # "\udc80" escapes and overlong numbers inside the JSON text
+    reason = unreadable(value)  # "\udc80" escapes and overlong numbers inside the JSON text
     if reason:
         raise _Malformed(f"column {key!r}: {reason}")
     return value
@@ -522,7 +355,7 @@ def _normalize_tagging(tokens: Any, tags: Any) -> dict[str, list[str]]:
     for i, (token, tag) in enumerate(zip(tokens, tags)):
         if not token.strip():
             raise _Malformed(f"tokens[{i}] is blank: a token is a word")
-        if not _TAG.fullmatch(tag):
+        if not TAG.fullmatch(tag):
             raise _Malformed(f"tags[{i}] is {tag!r}, not a BIO tag (O, B-TYPE or I-TYPE)")
     return {"tokens": tokens, "tags": tags}
 

@@ -140,38 +140,33 @@ def classification_metrics(predictions: Sequence[str], references: Sequence[str]
 
 
 @torch.no_grad()
+def _head_outputs(model, batches: Iterable[dict], device, autocast_dtype, read) -> list:
+    """read(logits, batch) of every batch, concatenated, in eval mode (the mode restored after)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in batches:
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out += read(model(**inputs).logits, inputs)
+    finally:
+        model.train(was_training)
+    return out
+
+
 def predict_classes(model, batches: Iterable[dict], device, autocast_dtype=None) -> list[torch.Tensor]:
     """Class probabilities (fp32 [num_labels]) of every sequence in `batches`, in order."""
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for batch in batches:
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(**inputs).logits
-            out += list(logits.float().softmax(-1).cpu())
-    finally:
-        model.train(was_training)
-    return out
+    return _head_outputs(model, batches, device, autocast_dtype,
+                         lambda logits, _: list(logits.float().softmax(-1).cpu()))
 
 
-@torch.no_grad()
 def predict_tokens(model, batches: Iterable[dict], device, autocast_dtype=None) -> list[list[int]]:
     """The predicted class id of every real (unpadded) token of every sequence, in order."""
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for batch in batches:
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                ids = model(**inputs).logits.argmax(-1).cpu()
-            lengths = inputs["attention_mask"].sum(-1).tolist()
-            out += [row[:n].tolist() for row, n in zip(ids, lengths)]
-    finally:
-        model.train(was_training)
-    return out
+    def read(logits, inputs):
+        lengths = inputs["attention_mask"].sum(-1).tolist()
+        return [row[:n].tolist() for row, n in zip(logits.argmax(-1).cpu(), lengths)]
+    return _head_outputs(model, batches, device, autocast_dtype, read)
 
 
 def format_metrics(result: dict) -> str:
