@@ -279,3 +279,14 @@ def test_training_curve_matches_hf():
     # fp32 rounding differences stay at ~1e-6 over 30 steps at this lr (at lr 3e-2 Adam
     # amplifies them to ~1e-2 even between two unpatched runs on different LoRA backends)
     assert (curves[0] - curves[1]).abs().max() <= TOL * curves[1].abs().max()
+
+
+def test_patched_blocks_pickle_by_name():
+    """The classes made per HF class are found by pickle as module attributes."""
+    import pickle
+
+    model = add_lora(tiny("llama"), LoraConfig(r=2, target_modules="all-linear"), backend="torch")
+    patch(model, backend="torch", warn=False)
+    attention = model.model.layers[0].self_attn
+    assert type(attention).__name__ == "TriloraLlamaAttention"
+    assert type(pickle.loads(pickle.dumps(attention))) is type(attention)

@@ -103,7 +103,14 @@ def test_round_trip_error_matches_bnb():
     err = (dequantize_4bit(packed, state) - w).abs().mean().item()
     ref_packed, ref_state = bnb_quantize(w, "nf4", 64, True)
     ref_err = (bnb_dequantize(ref_packed, ref_state) - w).abs().mean().item()
-    assert abs(err - 0.073) < 0.003
+    # the error of nearest-code rounding, computed here in float64 from the NF4 table (the
+    # double-quantized absmax moves it a little)
+    from trilora.kernels.codebooks import code_4bit
+    blocks = w.double().reshape(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    table = code_4bit("nf4", torch.device("cpu")).double()
+    nearest = table[(blocks / absmax).unsqueeze(-1).sub(table).abs().argmin(-1)] * absmax
+    assert abs(err - (nearest - blocks).abs().mean().item()) < 1e-3
     assert abs(err - ref_err) < 1e-4
 
 

@@ -16,9 +16,6 @@ from transformers.pytorch_utils import Conv1D
 from trilora import kernels
 from trilora.quant import Linear4bit
 
-SUPPORTED_BASES = (nn.Linear, Linear4bit, Conv1D)
-
-
 def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     """(in_features, out_features, fan_in_fan_out) of a layer LoRA can wrap, else None.
 
@@ -162,4 +159,4 @@ class TrainableCopy(nn.Module):
             return getattr(modules["trained"], name)
 
 
-__all__ = ["LoraLinear", "TrainableCopy", "linear_dims", "SUPPORTED_BASES"]
+__all__ = ["LoraLinear", "TrainableCopy", "linear_dims"]

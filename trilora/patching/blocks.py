@@ -92,9 +92,20 @@ def hf_instance(cls: type, hf_cls: type) -> type:
     HF's isinstance checks keep matching: e.g. the output recorders behind
     `output_attentions=True` find attention modules by class."""
     name = f"Trilora{hf_cls.__name__}"
-    if name not in globals():  # a module attribute, so pickle finds the class by name
-        globals()[name] = type(name, (cls, hf_cls), {"__module__": __name__, "__qualname__": name})
-    return globals()[name]
+    if name not in _HF_SUBCLASSES:
+        _HF_SUBCLASSES[name] = type(name, (cls, hf_cls), {"__module__": __name__, "__qualname__": name})
+    return _HF_SUBCLASSES[name]
+
+
+_HF_SUBCLASSES: dict[str, type] = {}  # made on first use, one per HF class
+
+
+def __getattr__(name: str):
+    """Module attributes for the classes `hf_instance` made, so pickle finds them by name."""
+    try:
+        return _HF_SUBCLASSES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def move_hooks(old: nn.Module, new: nn.Module) -> None:

@@ -192,9 +192,4 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 6
     return model
 
 
-def count_4bit_bytes(model: nn.Module) -> int:
-    """Bytes held by the packed 4-bit weights of `model` (for memory reports)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
-
-
-__all__ = ["Linear4bit", "quantize_model", "count_4bit_bytes"]
+__all__ = ["Linear4bit", "quantize_model"]
