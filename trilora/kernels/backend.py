@@ -70,6 +70,14 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "torch"
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype float inputs are cast to under torch.autocast on `device_type`, or None: every
+    op casts its float operands to it first, as torch's own autocast-listed ops do."""
+    if device_type == "meta":  # a shape-only pass: autocast has no meta device
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     """Raise ValueError naming the tensors when they are not all on one device."""
     present = {k: t for k, t in tensors.items() if t is not None}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, resolve_backend
+from .backend import FLOAT_DTYPES, HAS_TRITON, autocast_dtype, check_same_device, resolve_backend
 
 IGNORE_INDEX = -100  # the label no loss counts (torch's cross_entropy default, HF's padding label)
 
@@ -319,8 +319,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float32/float16/bfloat16 tensor")
     device_type = hidden.device.type
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: shape-only pass
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:
         hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
         lm_head_bias = None if lm_head_bias is None else lm_head_bias.to(dtype)
     if lm_head_weight.dim() != 2 or hidden.dim() == 0 or lm_head_weight.shape[1] != hidden.shape[-1]:

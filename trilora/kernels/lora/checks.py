@@ -119,13 +119,6 @@ def check_frozen(*weights: torch.Tensor) -> None:
                          "set weight.requires_grad_(False) (or use backend='torch')")
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype float inputs are cast to under torch.autocast on `device_type`, or None."""
-    if device_type == "meta":  # a shape-only pass: autocast has no meta device
-        return None
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 def cast_floats(dtype: torch.dtype | None, *tensors):
     """Each tensor cast to `dtype` if it is floating point (packed 4-bit bytes are not); None stays."""
     if dtype is None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backend import resolve_backend
+from ..backend import autocast_dtype, resolve_backend
 from ..dequantize_4bit import dequantize_4bit_ref, restore_absmax_ref
-from .checks import autocast_dtype, cast_floats, check_frozen, check_lora_linear_inputs
+from .checks import cast_floats, check_frozen, check_lora_linear_inputs
 from .dropout import check_seed, lora_dropout_mask, resolve_seed
 from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backend import resolve_backend
-from .checks import autocast_dtype, cast_floats, check_frozen, check_lora_linear_inputs
+from ..backend import autocast_dtype, resolve_backend
+from .checks import cast_floats, check_frozen, check_lora_linear_inputs
 from .dropout import lora_dropout_mask, resolve_seed
 from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
 from .linear import linear_4bit_ref, lora_linear_ref
