@@ -238,19 +238,20 @@ def evaluate_split(model, tokenizer, records, config, device, autocast_dtype,
     result = evaluate_loss(model, batches, device, autocast_dtype, task)
     if not math.isfinite(result["loss"]):
         raise NonFiniteError(f"the evaluation loss is {result['loss']}: the model's weights or outputs hold NaN/Inf")
-    if task == "classify":
+    if task != "generate":
         id2label = {int(k): v for k, v in model.config.id2label.items()}
+        tokenized = set(dataset.where)
+        kept = [r for r in records if r.where in tokenized]  # the records the predictions belong to
+    if task == "classify":
         probs = predict_classes(model, batches, device, autocast_dtype)
         predictions = [id2label[int(p.argmax())] for p in probs]
-        references = [r.data["label"] for r in records if r.where in set(dataset.where)]
+        references = [r.data["label"] for r in kept]
         result.update(classification_metrics(predictions, references, [id2label[i] for i in sorted(id2label)]))
         result["examples"] = [{"reference": r, "prediction": p} for r, p in list(zip(references, predictions))[:5]]
         return result
     if task == "tag":
         from .tagging import entity_metrics, predictions_to_word_tags
-        id2label = {int(k): v for k, v in model.config.id2label.items()}
         token_preds = predict_tokens(model, batches, device, autocast_dtype)
-        kept = [r for r in records if r.where in set(dataset.where)]
         predicted = [predictions_to_word_tags(ids, word_ids, id2label, n_words=n)
                      for ids, word_ids, n in zip(token_preds, dataset.word_ids, dataset.n_words)]
         truth = [r.data["tags"][:len(p)] for r, p in zip(kept, predicted)]
