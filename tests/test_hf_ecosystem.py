@@ -3,6 +3,7 @@ TRL's SFTTrainer are adapters that reload through PEFT and transformers, resume 
 PEFT's methods (disable_adapter for reference logits, merge_and_unload, state dicts) behave
 as PEFT's on the same model, transformers' adapter methods answer instead of failing."""
 import json
+import math
 
 import pytest
 import torch
@@ -89,6 +90,28 @@ def test_resume_from_a_trainer_checkpoint_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_trainer_with_the_peft_view_saves_adapters_and_resumes_exactly(tmp_path):
+    """Through `as_peft_model`, HF's Trainer takes its PeftModel paths (save the adapter,
+    resume with load_adapter); the run is the same as without the view."""
+    from trilora.lora import as_peft_model
+    folder, model = base_dir(tmp_path)
+    plain = Trainer(model=adapted(model, folder), args=args(tmp_path / "plain"), train_dataset=Sequences())
+    plain.train()
+    _, model = base_dir(tmp_path)
+    full = Trainer(model=as_peft_model(adapted(model, folder)), args=args(tmp_path / "a"), train_dataset=Sequences())
+    full.train()
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "config.json").exists()
+    _, model2 = base_dir(tmp_path)
+    resumed = Trainer(model=as_peft_model(adapted(model2, folder)), args=args(tmp_path / "a"),
+                      train_dataset=Sequences())
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    ref = {n: p for n, p in plain.model.named_parameters() if p.requires_grad}
+    for trainer in (full, resumed):
+        got = {n.removeprefix("base_model.model."): p for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref)
+
+
 def test_peft_surface_matches_peft_on_the_same_model(tmp_path, capsys):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, get_peft_model_state_dict
@@ -127,16 +150,16 @@ def test_peft_surface_matches_peft_on_the_same_model(tmp_path, capsys):
     assert (tmp_path / "merged" / "config.json").exists()
 
 
-def test_transformers_adapter_methods_answer_for_the_one_adapter(tmp_path):
+def test_transformers_adapter_methods_answer_for_trilora_adapters(tmp_path):
     folder, model = base_dir(tmp_path)
     model = adapted(model, folder)
     model.save_pretrained(tmp_path / "ad")
     assert model.active_adapters == ["default"]
     model.set_adapter("default")
     model.load_adapter(tmp_path / "ad", "default")
-    with pytest.raises(ValueError, match="one adapter, named 'default'"):
+    with pytest.raises(ValueError, match="no adapter 'other'"):
         model.set_adapter("other")
-    with pytest.raises(ValueError, match="one adapter system per model"):
+    with pytest.raises(TypeError, match="adapter config must be"):
         model.add_adapter(object())
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(folder)
@@ -185,6 +208,38 @@ def test_trl_sft_trainer_patched_and_unpatched(tmp_path, quantized):
         add_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), backend="torch")
         model.load_adapter(tmp_path / "run-False" / "checkpoint-4")
         assert max_diff(logits(reloaded), logits(model.eval())) < 1e-5
+
+
+@pytest.mark.slow
+def test_trl_dpo_takes_reference_logits_from_a_frozen_adapter_copy(tmp_path):
+    """TRL's DPOTrainer recognises the PEFT view: no second model is loaded; for an adapter
+    that is already trained it adds a frozen "ref" copy (through PEFT's parameter names) and
+    scores the reference with it, so the first step's loss is exactly ln 2 (policy = reference)."""
+    pytest.importorskip("trl")
+    from _data_helpers import char_tokenizer
+    from _lora_models import randomize_lora
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from trilora.lora import as_peft_model
+    model = add_lora(tiny("llama"), LoraConfig(r=4, alpha=8, target_modules="all-linear"), backend="torch")
+    randomize_lora(model, std=0.05)  # a trained adapter: the reference is not the base model
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    data = Dataset.from_list([{"prompt": f"q{i}:", "chosen": f" yes{i}", "rejected": f" no{i}"} for i in range(16)])
+    config = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                       report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, save_strategy="no", seed=0,
+                       max_length=32)
+    trainer = DPOTrainer(model=as_peft_model(model), args=config, train_dataset=data,
+                         processing_class=char_tokenizer())
+    assert trainer.ref_model is None and list(model.trilora_lora_configs) == ["default", "ref"]
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
+    for name, p in model.named_parameters():
+        if ".ref." in name:  # the reference stayed frozen at the adapter's starting values
+            assert not p.requires_grad and torch.equal(p, start[name.replace(".ref.", ".default.")])
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if ".default." in n)
+    assert model.active_adapter == "default"
 
 
 def test_a_second_adapter_system_is_refused(tmp_path):

@@ -87,33 +87,33 @@ def test_layer_forward_and_grads_match_formula(kind):
     x = torch.randn(2, 5, n_in, requires_grad=True)
     y = layer(x)
     W, b = _dense(base), base.bias.detach().double()
-    A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
     ref = x.double() @ W.t() + b + (5 / r) * (x.double() @ A.t() @ B.t())
     assert y.shape == (2, 5, n_out) and y.dtype == torch.float32
     assert max_diff(y, ref) < 1e-5
     y.square().sum().backward()
     grads = {n for n, p in layer.named_parameters() if p.grad is not None}
-    assert grads == {"lora_A.weight", "lora_B.weight"}  # the base is frozen
+    assert grads == {"lora_A.default.weight", "lora_B.default.weight"}  # the base is frozen
     dy = 2 * ref.detach()
     dB = (5 / r) * dy.reshape(-1, n_out).t() @ (x.double() @ A.t()).reshape(-1, r)
-    assert max_diff(layer.lora_B.weight.grad, dB) < 1e-4
+    assert max_diff(layer.lora_B["default"].weight.grad, dB) < 1e-4
 
 
 def test_init_is_peft_default_and_identity():
     base = nn.Linear(256, 96)
     layer = LoraLinear(base, r=64, alpha=16, backend="torch")
-    A = layer.lora_A.weight
+    A = layer.lora_A["default"].weight
     bound = 1 / math.sqrt(256)  # kaiming_uniform(a=√5) on [r, in] = U(±1/√in)
     assert A.abs().max() <= bound and A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    assert torch.count_nonzero(layer.lora_B.weight) == 0
-    assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_A.bias is None
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.lora_A["default"].bias is None
     x = torch.randn(4, 256)
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
     gauss = LoraLinear(nn.Linear(256, 96), r=64, alpha=16, init_lora_weights="gaussian")
-    assert gauss.lora_A.weight.std().item() == pytest.approx(1 / 64, rel=0.05)
-    assert torch.count_nonzero(gauss.lora_B.weight) == 0
+    assert gauss.lora_A["default"].weight.std().item() == pytest.approx(1 / 64, rel=0.05)
+    assert torch.count_nonzero(gauss.lora_B["default"].weight) == 0
     rand = LoraLinear(nn.Linear(256, 96), r=64, alpha=16, init_lora_weights=False)
-    assert torch.count_nonzero(rand.lora_B.weight) > 0
+    assert torch.count_nonzero(rand.lora_B["default"].weight) > 0
 
 
 def test_dropout_only_on_lora_branch_and_only_in_training():
@@ -136,11 +136,11 @@ def test_bf16_base_keeps_fp32_adapter():
     randomize_lora(layer)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     y = layer(x)
-    assert y.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    assert y.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
     y.float().sum().backward()
-    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_A.weight.grad.abs().sum() > 0
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32 and layer.lora_A["default"].weight.grad.abs().sum() > 0
     ref = x.double() @ base.weight.double().t() + base.bias.double() + 2 * (
-        x.double() @ layer.lora_A.weight.double().t() @ layer.lora_B.weight.double().t())
+        x.double() @ layer.lora_A["default"].weight.double().t() @ layer.lora_B["default"].weight.double().t())
     assert max_diff(y, ref) < 0.1  # bf16 rounding of |y| ~ 1..4
 
 
@@ -159,7 +159,7 @@ def test_all_linear_on_each_architecture(arch):
     assert wrapped == linear - {head} and len(wrapped) > 0
     assert torch.equal(logits(model), ref)  # B = 0 at init: the model is unchanged
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"{n}.lora_{ab}.weight" for n in wrapped for ab in "AB"}
+    expected = {f"{n}.lora_{ab}.default.weight" for n in wrapped for ab in "AB"}
     if arch == "bert":
         expected |= {"classifier.trained.weight", "classifier.trained.bias"}
     assert trainable == expected
@@ -200,8 +200,8 @@ def test_phi3_needs_targets_and_wraps_fused_layers():
         add_lora(model, LoraConfig(r=2))
     add_lora(model, LoraConfig(r=2, target_modules=["qkv_proj", "gate_up_proj"]), backend="torch")
     qkv = model.get_submodule("model.layers.0.self_attn.qkv_proj")
-    assert qkv.lora_B.weight.shape == (64 + 2 * 2 * 16, 2)
-    assert model.get_submodule("model.layers.0.mlp.gate_up_proj").lora_B.weight.shape == (2 * 96, 2)
+    assert qkv.lora_B["default"].weight.shape == (64 + 2 * 2 * 16, 2)
+    assert model.get_submodule("model.layers.0.mlp.gate_up_proj").lora_B["default"].weight.shape == (2 * 96, 2)
 
 
 def test_bias_modes_follow_peft():
@@ -237,7 +237,7 @@ def test_rank_above_layer_width_warns_but_works():
 
 def test_second_add_lora_is_refused():
     model = add_lora(tiny("llama"), LoraConfig(r=2))
-    with pytest.raises(ValueError, match="already has LoRA"):
+    with pytest.raises(ValueError, match="already has an adapter named .default."):
         add_lora(model, LoraConfig(r=2))
 
 

@@ -52,7 +52,7 @@ def test_merged_weight_is_w_plus_scaled_ba():
     model = _adapted("gpt2", CASES["gpt2-conv1d"][1])
     layer = model.get_submodule("transformer.h.0.attn.c_attn")
     w = layer.base_layer.weight.detach().double().clone()           # Conv1D: [in, out]
-    delta = layer.lora_B.weight.double() @ layer.lora_A.weight.double() * (8 / 2)  # rsLoRA: alpha/√r
+    delta = layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double() * (8 / 2)  # rsLoRA: alpha/√r
     merge_lora(model)
     assert max_diff(model.get_submodule("transformer.h.0.attn.c_attn").weight, w + delta.t()) < 1e-6
 
@@ -100,13 +100,13 @@ def test_merge_in_place_and_unmerge_round_trip():
     assert all(layer.merged for _, layer in lora_layers(model))
     assert max_diff(logits(model), before) < 1e-5
     with torch.no_grad():  # merged: the forward no longer reads the adapter
-        saved = {n: layer.lora_B.weight.clone() for n, layer in lora_layers(model)}
+        saved = {n: layer.lora_B["default"].weight.clone() for n, layer in lora_layers(model)}
         for _, layer in lora_layers(model):
-            layer.lora_B.weight.zero_()
+            layer.lora_B["default"].weight.zero_()
     assert max_diff(logits(model), before) < 1e-5
     with torch.no_grad():
         for n, layer in lora_layers(model):
-            layer.lora_B.weight.copy_(saved[n])
+            layer.lora_B["default"].weight.copy_(saved[n])
     unmerge_lora(model)
     assert all(max_diff(layer.base_layer.weight, w0[n]) < 1e-6 for n, layer in lora_layers(model))
     assert not any(layer.merged for _, layer in lora_layers(model))

@@ -160,7 +160,7 @@ def test_matches_hf_mlp_module(family):
     hf.requires_grad_(False)
     for name, r in (("gate_proj", 3), ("down_proj", 8)):
         lora = LoraLinear(getattr(hf, name), r, 2 * r, backend="torch")
-        nn.init.normal_(lora.lora_B.weight, std=0.2)
+        nn.init.normal_(lora.lora_B["default"].weight, std=0.2)
         setattr(hf, name, lora)
     ours = TriloraMLP(hf, "silu" if family == "llama" else "gelu_tanh", backend="triton")
     x, dy = inputs(torch.float32, seed=5)

@@ -145,7 +145,7 @@ def test_matches_hf_lora_modules():
         m.weight.requires_grad_(False)
     mods = [LoraLinear(mods[0], 8, 16, backend="torch"), mods[1], LoraLinear(mods[2], 3, 6, backend="torch")]
     for m in (mods[0], mods[2]):
-        nn.init.normal_(m.lora_B.weight, std=0.2)
+        nn.init.normal_(m.lora_B["default"].weight, std=0.2)
     x, dys = inputs(torch.float32, seed=4)
     params = [p for m in mods for p in m.parameters() if p.requires_grad]
     results = []

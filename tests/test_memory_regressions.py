@@ -49,7 +49,7 @@ def test_lora_over_4bit_base_saves_no_dense_weight():
     assert _dense_sized(saved) == [], saved
     assert any(s[1] == torch.uint8 for s in saved)  # the packed weight stands in for it
     y.sum().backward()  # and the backward, which dequantizes again, still runs
-    assert x.grad is not None and layer.lora_A.weight.grad is not None
+    assert x.grad is not None and layer.lora_A["default"].weight.grad is not None
 
 
 def test_plain_linear4bit_saves_no_dense_weight():

@@ -69,7 +69,7 @@ def _trainer(tmp_path, batches, **settings):
 
 
 def _lora_weights(model):
-    return {f"{n}.{p}": getattr(layer, p).weight.detach().clone()
+    return {f"{n}.{p}": getattr(layer, p)["default"].weight.detach().clone()
             for n, layer in lora_layers(model) for p in ("lora_A", "lora_B")}
 
 
@@ -100,7 +100,7 @@ def test_grad_accumulation_equals_one_big_batch(examples, tmp_path):
 
 
 def _lora_grads(model):
-    return {f"{n}.{p}": getattr(layer, p).weight.grad.detach().clone()
+    return {f"{n}.{p}": getattr(layer, p)["default"].weight.grad.detach().clone()
             for n, layer in lora_layers(model) for p in ("lora_A", "lora_B")}
 
 

@@ -15,9 +15,9 @@
   e.g. DPO's reference logits), `enable_adapter_layers()` / `disable_adapter_layers()`,
   `print_trainable_parameters()`, `get_nb_trainable_parameters()`, `merge_and_unload()`,
   `get_adapter_state_dict()` / `set_adapter_state_dict()`.
-- The adapter methods transformers models carry (its PEFT integration: `load_adapter`,
-  `set_adapter`, `active_adapters`, `add_adapter`, …) answer for trilora's single adapter
-  named "default" instead of failing with a PEFT version error.
+- Several named adapters, as PEFT's and transformers' methods name them (`add_adapter`,
+  `load_adapter`, `set_adapter`, `delete_adapter`, `add_weighted_adapter`, `active_adapter(s)`,
+  see `adapters.py`), instead of transformers' integration failing with a PEFT version error.
 """
 from __future__ import annotations
 
@@ -29,15 +29,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-ADAPTER_NAME = "default"
+from .inject import DEFAULT_ADAPTER as ADAPTER_NAME
 
 
 def install(model: nn.Module) -> nn.Module:
     """Give `model` (an adapted HF model) the PEFT-shaped surface described above; returns it."""
     for name, fn in _METHODS.items():
         setattr(model, name, MethodType(fn, model))
-    model.active_adapters = [ADAPTER_NAME]   # PEFT's property; transformers' Trainer reads it
-    model.active_adapter = ADAPTER_NAME
+    from .inject import active_adapter
+    model.active_adapters = [active_adapter(model)]   # PEFT's property; transformers' Trainer reads it
+    model.active_adapter = active_adapter(model)
     model._keys_to_ignore_on_save = _frozen_keys(model)
     return model
 
@@ -57,18 +58,31 @@ def _frozen_keys(model: nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------- saving
 
 def save_pretrained(self, save_directory, *args, is_main_process: bool = True, state_dict=None,
-                    safe_serialization: bool = True, **kwargs) -> None:
-    """Write the adapter (PEFT's format) and, for HF Trainer's resume, the trainable tensors
-    as `model.safetensors` under the model's own keys. `state_dict` (HF Trainer passes the
-    whole model's) is only read for those trainable tensors."""
+                    safe_serialization: bool = True, selected_adapters: list[str] | None = None,
+                    resume_file: bool = True, **kwargs) -> None:
+    """Write the adapters (PEFT's format: "default" in `save_directory`, any other adapter in
+    `save_directory/<name>`, as PEFT lays them out) and, for HF Trainer's resume, the
+    trainable tensors as `model.safetensors` under the model's own keys (`resume_file=False`:
+    not; the PEFT view saves without it, as Trainer resumes a PeftModel through
+    `load_adapter`). `state_dict` (HF Trainer passes the whole model's) is only read for
+    those trainable tensors."""
+    from .inject import adapter_configs
     from .peft_format import save_adapter
 
     if not is_main_process:
         return
     if not safe_serialization:
         raise ValueError("trilora writes safetensors only (no pickle): save with safe_serialization=True")
+    names = list(adapter_configs(self)) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in adapter_configs(self)]
+    if unknown:
+        raise ValueError(f"selected_adapters {unknown} are not adapters of this model ({list(adapter_configs(self))})")
     os.makedirs(save_directory, exist_ok=True)
-    save_adapter(self, save_directory)
+    for name in names:
+        where = save_directory if name == ADAPTER_NAME else os.path.join(os.fspath(save_directory), name)
+        save_adapter(self, where, adapter_name=name)
+    if not resume_file:
+        return
     source = state_dict if state_dict is not None else self.state_dict()
     trainable = {n for n, p in self.named_parameters() if p.requires_grad}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in source.items() if k in trainable}
@@ -131,17 +145,15 @@ def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False) 
 
 def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as in PEFT's file (`get_peft_model_state_dict`)."""
-    _only_default(adapter_name)
     from .peft_format import adapter_state_dict
-    return adapter_state_dict(self)
+    return adapter_state_dict(self, adapter_name)
 
 
 def set_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
     """Load tensors keyed as in PEFT's file (`set_peft_model_state_dict`), every key checked."""
-    _only_default(adapter_name)
     from .peft_format import PREFIX
     from .peft_format import _adapter_tensors
-    targets = {PREFIX + k: v for k, v in _adapter_tensors(self).items()}
+    targets = {PREFIX + k: v for k, v in _adapter_tensors(self, adapter_name).items()}
     unknown = sorted(set(state_dict) - set(targets))
     if unknown:
         raise ValueError(f"adapter state dict keys this model's adapter lacks: {unknown[:4]}")
@@ -153,29 +165,68 @@ def set_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], adapter_na
             targets[key].copy_(value)
 
 
-# ----------------------------------------------------------------------------- transformers' adapter methods
+# ----------------------------------------------------------------------------- several adapters
 
-def _only_default(name: str | None) -> None:
-    if name not in (None, ADAPTER_NAME):
-        raise ValueError(f"trilora models carry one adapter, named {ADAPTER_NAME!r}; got {name!r}")
+def _adapter_config(config):
+    """A trilora LoraConfig from ours or PEFT's (`peft.LoraConfig`, via its JSON form)."""
+    from .config import LoraConfig
+    if isinstance(config, LoraConfig):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in to_dict().items()}
+        return LoraConfig.from_peft_dict(data)
+    raise TypeError(f"adapter config must be a trilora.lora.LoraConfig or a peft.LoraConfig, got {type(config).__name__}")
+
+
+def add_adapter(self, *args, **kwargs) -> None:
+    """Add a fresh adapter beside the others, frozen and inactive until `set_adapter`.
+    Takes PEFT's order `(adapter_name, config)` and transformers' `(config, adapter_name)`."""
+    from .inject import add_lora
+    name = kwargs.pop("adapter_name", None)
+    config = kwargs.pop("peft_config", None) or kwargs.pop("adapter_config", None)
+    for arg in args:
+        if isinstance(arg, str):
+            name = arg
+        else:
+            config = arg
+    if config is None:
+        raise ValueError("add_adapter needs a LoraConfig (trilora's or PEFT's)")
+    backend = next((layer.backend for layer in _switchable(self) if hasattr(layer, "backend")), "auto")
+    add_lora(self, _adapter_config(config), backend=backend, adapter_name=name or ADAPTER_NAME)
+
+
+def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+    from .adapters import set_adapter as _set
+    _set(self, adapter_name, trainable=not inference_mode)
+
+
+def delete_adapter(self, adapter_name: str) -> None:
+    from .adapters import delete_adapter as _delete
+    _delete(self, adapter_name)
+
+
+def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "svd",
+                         svd_rank: int | None = None, **kwargs) -> None:
+    from .adapters import add_weighted_adapter as _combine
+    unsupported = {k: v for k, v in kwargs.items() if v not in (None, True, "total")}
+    if unsupported:
+        raise ValueError(f"add_weighted_adapter options trilora does not implement: {sorted(unsupported)}")
+    _combine(self, list(adapters), list(weights), adapter_name, combination_type, svd_rank)
 
 
 def load_adapter(self, path, adapter_name: str | None = None, is_trainable: bool = False, **kwargs) -> None:
-    """Load a saved adapter's weights into this model's adapter (HF Trainer's resume calls this)."""
-    _only_default(adapter_name)
+    """PEFT's / transformers' `load_adapter`: into an existing adapter of that name, its
+    values are replaced (HF Trainer's resume calls this); a new name adds the adapter."""
+    from .inject import adapter_configs
+    from .peft_format import load_adapter as _load
     from .peft_format import load_adapter_weights
-    load_adapter_weights(self, path)  # values only: the adapter stays as trainable as it was
-
-
-def set_adapter(self, adapter_name) -> None:
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    for name in names:
-        _only_default(name)
-
-
-def add_adapter(self, *args, **kwargs):
-    raise ValueError("this model already carries a trilora adapter; one adapter system per model: "
-                     "use trilora.lora (add_lora / load_adapter) on a fresh base, or PEFT alone")
+    name = adapter_name or ADAPTER_NAME
+    if name in adapter_configs(self):
+        load_adapter_weights(self, path, name)  # values only: the adapter stays as trainable as it was
+    else:
+        backend = next((layer.backend for layer in _switchable(self) if hasattr(layer, "backend")), "auto")
+        _load(self, path, backend=backend, is_trainable=is_trainable, adapter_name=name)
 
 
 _METHODS = {
@@ -193,6 +244,8 @@ _METHODS = {
     "load_adapter": load_adapter,
     "set_adapter": set_adapter,
     "add_adapter": add_adapter,
+    "delete_adapter": delete_adapter,
+    "add_weighted_adapter": add_weighted_adapter,
 }
 
 __all__ = ["install", "uninstall", "ADAPTER_NAME"]

@@ -26,7 +26,9 @@ from ..module_tree import replace_module
 from .config import DEFAULT_TARGET_MODULES, HEAD_TASK_TYPES, SEQ_CLS_HEADS, LoraConfig
 from .layer import LoraLinear, TrainableCopy, linear_dims
 
-CONFIG_ATTR = "trilora_lora_config"  # the LoraConfig of an adapted model, read by save_adapter
+CONFIG_ATTR = "trilora_lora_configs"    # {adapter name: resolved LoraConfig} of an adapted model
+ACTIVE_ATTR = "trilora_active_adapter"  # the name of the adapter its layers run
+DEFAULT_ADAPTER = "default"             # PEFT's name for the first adapter
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -34,14 +36,38 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear))
 
 
-def get_lora_config(model: nn.Module) -> LoraConfig | None:
-    """The resolved config `add_lora` / `load_adapter` stored on `model` (None if not adapted)."""
-    return getattr(model, CONFIG_ATTR, None)
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """{adapter name: resolved config} of the adapters `model` carries (empty if none)."""
+    return getattr(model, CONFIG_ATTR, None) or {}
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the adapter `model`'s layers run (None if not adapted)."""
+    return getattr(model, ACTIVE_ATTR, None) if adapter_configs(model) else None
+
+
+def get_lora_config(model: nn.Module, adapter_name: str | None = None) -> LoraConfig | None:
+    """The resolved config `add_lora` / `load_adapter` stored on `model` for `adapter_name`
+    (default: the active adapter); None if the model has no such adapter."""
+    return adapter_configs(model).get(adapter_name or active_adapter(model))
+
+
+def _plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without what sits inside a LoraLinear or a TrainableCopy (an adapted
+    layer counts as the linear it wraps, its own A/B linears are not candidates)."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if inside and _under(name, inside):
+            continue
+        yield name, module
+        if isinstance(module, (LoraLinear, TrainableCopy)):
+            inside.append(name)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Dotted names of the layers LoRA can wrap (nn.Linear, Linear4bit, Conv1D)."""
-    return [n for n, m in model.named_modules() if n and linear_dims(m) is not None]
+    """Dotted names of the layers LoRA can wrap (nn.Linear, Linear4bit, Conv1D, or a
+    LoraLinear already wrapping one)."""
+    return [n for n, m in _plain_modules(model) if n and linear_dims(m) is not None]
 
 
 def set_lora_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -65,7 +91,7 @@ def _modules_to_save_names(model: nn.Module, entries: list[str] | None, strict: 
         return []
     found: list[str] = []
     hit = set()
-    for name, _ in model.named_modules():
+    for name, _ in _plain_modules(model):
         matched = [e for e in entries if name and name.endswith(e)]
         if matched and not _under(name, found):
             found.append(name)
@@ -117,7 +143,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -
     else:
         match = lambda n, m: any(n == t or n.endswith("." + t) for t in tm)  # noqa: E731
     targets, bad = [], []
-    for name, module in model.named_modules():
+    for name, module in _plain_modules(model):
         if not name or _under(name, save) or not match(name, module):
             continue
         (targets if linear_dims(module) is not None else bad).append(name)
@@ -149,23 +175,33 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
 # ----------------------------------------------------------------------------- injection
 
 def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str = "auto",
-             strict: bool = True) -> nn.Module:
+             strict: bool = True, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Wrap every matching linear layer of `model` in `LoraLinear`, in place; returns `model`.
 
     All other parameters are frozen, except the trainable copies of `modules_to_save` and the
     biases `config.bias` selects ("all": every `*.bias`; "lora_only": the adapted layers').
     The resolved config (explicit target list for "all-linear", SEQ_CLS heads added to
-    modules_to_save, fan_in_fan_out set when a Conv1D was wrapped) is stored as
-    `model.trilora_lora_config` for `save_adapter`.
+    modules_to_save, fan_in_fan_out set when a Conv1D was wrapped) is stored on the model
+    (`get_lora_config`) for `save_adapter`.
 
-    Raises ValueError for a model that already has LoRA layers, for target names that match
+    On a model that already carries adapters, `adapter_name` must be new: the adapter is
+    added beside the others, frozen and inactive (PEFT's `add_adapter`; `set_adapter`
+    switches). Several adapters on one model need bias="none" and no modules_to_save.
+
+    Raises ValueError for an adapter name the model already has, for target names that match
     nothing (listing the model's linear layers), and for a 4-bit module in modules_to_save.
     """
     config = resolve_config(model, config or LoraConfig())
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if any(True for _ in lora_layers(model)):
+    existing = adapter_configs(model)
+    if not existing and any(True for _ in lora_layers(model)):
         raise ValueError("model already has LoRA layers; merge_lora(model) or start from a fresh base model")
+    if adapter_name in existing:
+        raise ValueError(f"model already has an adapter named {adapter_name!r} (adapters: {sorted(existing)}); "
+                         "pass another adapter_name, merge_lora(model), or start from a fresh base model")
+    if existing:
+        _check_shareable(existing, adapter_name, config)
     targets, save = resolve_targets(model, config, strict)
     for name in save:
         module = model.get_submodule(name)
@@ -178,15 +214,25 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str
                       f"{too_big[0][0]!r}: the extra rank adds parameters but no expressiveness", UserWarning,
                       stacklevel=2)
 
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if not existing:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    active = active_adapter(model) or adapter_name
+    settings = (config.r, config.alpha, config.dropout, config.use_rslora, config.init_lora_weights)
+    disabled = any(m.disabled for _, m in lora_layers(model))  # called inside disable_adapter()
     conv1d = False
     for name in targets:
-        base = model.get_submodule(name)
-        layer = LoraLinear(base, config.r, config.alpha, config.dropout, config.use_rslora,
-                           config.init_lora_weights, backend)
+        layer = model.get_submodule(name)
+        if isinstance(layer, LoraLinear):
+            layer.add_adapter(adapter_name, *settings)
+        else:
+            layer = LoraLinear(layer, *settings, backend=backend, adapter_name=adapter_name)
+            layer.active_adapter, layer.disabled = active, disabled
+            replace_module(model, name, layer)
+        if existing:  # PEFT: an added adapter stays frozen until set_adapter picks it
+            layer.lora_A[adapter_name].requires_grad_(False)
+            layer.lora_B[adapter_name].requires_grad_(False)
         conv1d |= layer.fan_in_fan_out
-        replace_module(model, name, layer)
     for name in save:
         replace_module(model, name, TrainableCopy(model.get_submodule(name)))
     _mark_biases(model, config.bias)
@@ -196,9 +242,20 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str
         modules_to_save=config.resolved_modules_to_save(),
         fan_in_fan_out=conv1d,
         base_model_name_or_path=config.base_model_name_or_path or getattr(model, "name_or_path", None) or None)
-    setattr(model, CONFIG_ATTR, stored)
+    setattr(model, CONFIG_ATTR, {**existing, adapter_name: stored})
+    setattr(model, ACTIVE_ATTR, active)
     from .hf_integration import install
     return install(model)  # saves as an adapter, PEFT's methods (see hf_integration)
+
+
+def _check_shareable(existing: dict[str, LoraConfig], name: str, config: LoraConfig) -> None:
+    """Several adapters share the model's biases and head: only LoRA-only adapters can."""
+    for other, cfg in [*existing.items(), (name, config)]:
+        if cfg.bias != "none" or cfg.resolved_modules_to_save():
+            raise ValueError(f"adapter {other!r} trains biases or modules_to_save (bias={cfg.bias!r}, "
+                             f"modules_to_save={cfg.resolved_modules_to_save()}): several adapters on one model "
+                             "must be LoRA-only (bias='none', no modules_to_save), since they would share those "
+                             "tensors")
 
 
 def _mark_biases(model: nn.Module, bias: str) -> None:
@@ -249,5 +306,6 @@ def trainable_summary(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
 
 
-__all__ = ["rank_excess", "add_lora", "get_lora_config", "lora_layers", "linear_module_names", "resolve_targets",
+__all__ = ["ACTIVE_ATTR", "DEFAULT_ADAPTER", "active_adapter", "adapter_configs", "rank_excess", "add_lora",
+           "get_lora_config", "lora_layers", "linear_module_names", "resolve_targets",
            "resolve_config", "set_lora_backend", "trainable_parameters", "trainable_summary", "CONFIG_ATTR"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -21,11 +22,47 @@ def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
 
     GPT-2's `Conv1D` stores its weight as [in, out] (fan_in_fan_out); the others as [out, in].
     """
+    if isinstance(module, LoraLinear):
+        return module.in_features, module.out_features, module.fan_in_fan_out
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1], True
     if isinstance(module, (nn.Linear, Linear4bit)):
         return module.in_features, module.out_features, False
     return None
+
+
+@dataclass
+class AdapterSettings:
+    """One adapter's hyper-parameters inside a `LoraLinear`."""
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class _AdapterDict(nn.ModuleDict):
+    """`lora_A` / `lora_B`: adapter name → nn.Linear (PEFT's layout, so the state-dict keys are
+    PEFT's: `<layer>.lora_A.<adapter>.weight`). Refuses PEFT's layers: PEFT's "all-linear"
+    would otherwise wrap these very linears in its own LoRA."""
+
+    def __setattr__(self, name: str, value) -> None:
+        _refuse_peft(value)
+        super().__setattr__(name, value)
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        _refuse_peft(module)
+        super().__setitem__(key, module)
+
+
+def _refuse_peft(value) -> None:
+    if isinstance(value, nn.Module) and type(value).__module__.startswith("peft."):
+        raise ValueError("this model already carries trilora LoRA adapters: PEFT cannot add its own on top "
+                         "(one adapter system per model). Drop the peft_config / get_peft_model call and "
+                         "train trilora's adapter, or start from a fresh base model for PEFT")
 
 
 class LoraLinear(nn.Module):
@@ -37,74 +74,148 @@ class LoraLinear(nn.Module):
         r, alpha, dropout, use_rslora, init_lora_weights: see `LoraConfig`.
         backend: the `lora_linear` backend ("auto", "triton", "torch"); a plain attribute, so
             it can be changed after construction.
+        adapter_name: the first adapter's name ("default", as PEFT's).
 
-    lora_A is `nn.Linear(in, r)` (weight [r, in]) and lora_B `nn.Linear(r, out)` ([out, r]),
-    fp32 on the base weight's device, as PEFT keeps them. The forward casts them to the
-    compute dtype at call time (autograd casts the gradients back to fp32), because the fused
-    op takes every operand in one dtype.
+    A layer can hold several named adapters (`add_adapter`); one is active (`active_adapter`)
+    and the forward runs it alone. `r`, `alpha`, `dropout`, `use_rslora` and `scaling` read
+    the active adapter's settings. Each adapter's lora_A is `nn.Linear(in, r)` (weight
+    [r, in]) and lora_B `nn.Linear(r, out)` ([out, r]), fp32 on the base weight's device, as
+    PEFT keeps them; the forward casts them to the compute dtype at call time (autograd casts
+    the gradients back to fp32), because the fused op takes every operand in one dtype.
+    A layer whose active adapter it does not hold (an adapter that targets other layers)
+    runs the base layer alone, as PEFT's does.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, backend: str = "auto",
-                 adapter_dtype: torch.dtype = torch.float32):
+                 adapter_dtype: torch.dtype = torch.float32, adapter_name: str = "default"):
         super().__init__()
         dims = linear_dims(base_layer)
-        if dims is None:
+        if dims is None or isinstance(base_layer, LoraLinear):
             raise TypeError(f"LoRA wraps nn.Linear, trilora Linear4bit or transformers Conv1D, "
                             f"got {type(base_layer).__name__}")
+        self.in_features, self.out_features, self.fan_in_fan_out = dims
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.lora_A, self.lora_B = _AdapterDict(), _AdapterDict()
+        self.settings: dict[str, AdapterSettings] = {}
+        self.active_adapter = adapter_name
+        self.disabled = False  # True: the base layer alone (PEFT's disable_adapter)
+        self.backend = backend
+        self.merged = False  # True while the active adapter is folded into a dense base weight
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype)
+        self.train(base_layer.training)  # an adapter injected into an eval-mode model must not drop out
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    init_lora_weights: bool | str = True, adapter_dtype: torch.dtype = torch.float32) -> None:
+        """Add adapter `name` (trainable; `set_active` decides which adapters train)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.in_features, self.out_features, self.fan_in_fan_out = dims
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        device = base_layer.weight.device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
-        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
-        self.disabled = False  # True: the base layer alone (PEFT's disable_adapter)
-        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
-        self.backend = backend
-        self.merged = False  # True while the delta is folded into a dense base weight
-        self.reset_lora_parameters(init_lora_weights)
-        self.train(base_layer.training)  # an adapter injected into an eval-mode model must not drop out
+        device = self.base_layer.weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.settings[name] = AdapterSettings(r, alpha, float(dropout), use_rslora)
+        self.reset_lora_parameters(init_lora_weights, name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name == self.active_adapter and self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the base weight: unmerge it first")
+        del self.lora_A[name], self.lora_B[name], self.settings[name]
+
+    def set_active(self, name: str, trainable: bool = True) -> None:
+        """Make `name` the adapter the forward runs (this layer need not hold it); its weights
+        train when `trainable`, every other adapter's are frozen (PEFT's set_adapter)."""
+        if self.merged and name != self.active_adapter:
+            raise ValueError(f"adapter {self.active_adapter!r} is merged into the base weight: unmerge it before "
+                             f"switching to {name!r}")
+        self.active_adapter = name
+        for key in self.lora_A:
+            for p in (*self.lora_A[key].parameters(), *self.lora_B[key].parameters()):
+                p.requires_grad_(trainable and key == name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    @property
+    def runs_adapter(self) -> bool:
+        """True when the forward adds the active adapter's update (not merged, not disabled,
+        and this layer holds the active adapter)."""
+        return not (self.merged or self.disabled) and self.active_adapter in self.lora_A
+
+    def _active_settings(self) -> AdapterSettings:
+        try:
+            return self.settings[self.active_adapter]
+        except KeyError:
+            raise AttributeError(f"this layer has no adapter {self.active_adapter!r} (it has "
+                                 f"{self.adapter_names})") from None
+
+    r = property(lambda self: self._active_settings().r)
+    alpha = property(lambda self: self._active_settings().alpha)
+    use_rslora = property(lambda self: self._active_settings().use_rslora)
+    scaling = property(lambda self: self._active_settings().scaling)
+
+    @property
+    def dropout(self) -> float:
+        return self._active_settings().dropout
+
+    @dropout.setter
+    def dropout(self, p: float) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self._active_settings().dropout = float(p)
+
+    def adapter_weights(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of adapter `name` (default: the active one)."""
+        name = self.active_adapter if name is None else name
+        return self.lora_A[name].weight, self.lora_B[name].weight
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True, name: str | None = None) -> None:
         """PEFT's initialisations: True → A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0 (the
         layer starts as the base layer); "gaussian" → A ~ N(0, 1/r²), B = 0; False → both
         kaiming_uniform, like a fresh nn.Linear."""
+        name = self.active_adapter if name is None else name
+        A, B = self.adapter_weights(name)
         if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            nn.init.normal_(A, std=1.0 / self.settings[name].r)
         else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         else:
-            nn.init.zeros_(self.lora_B.weight)
+            nn.init.zeros_(B)
 
     def __setattr__(self, name: str, value) -> None:
         # PEFT's get_peft_model on a trilora model ("all-linear") would nest its own LoRA
-        # inside this layer's linears: two adapter systems training at once. Refuse it here,
-        # where PEFT swaps the module in, before anything is replaced.
-        if name in ("base_layer", "lora_A", "lora_B") and type(value).__module__.startswith("peft."):
-            raise ValueError("this model already carries trilora LoRA adapters: PEFT cannot add its own on top "
-                             "(one adapter system per model). Drop the peft_config / get_peft_model call and "
-                             "train trilora's adapter, or start from a fresh base model for PEFT")
+        # inside this layer: two adapter systems training at once. Refuse it here, where PEFT
+        # swaps the module in, before anything is replaced.
+        if name in ("base_layer", "lora_A", "lora_B"):
+            _refuse_peft(value)
         super().__setattr__(name, value)
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · B A, fp32 [out, in] (the update in nn.Linear's layout, whatever the base)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """scaling · B A of adapter `name` (default: the active one), fp32 [out, in] (the
+        update in nn.Linear's layout, whatever the base)."""
+        name = self.active_adapter if name is None else name
+        A, B = self.adapter_weights(name)
+        return (B.float() @ A.float()) * self.settings[name].scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in x's dtype."""
         base = self.base_layer
-        if self.merged or self.disabled:
+        if not self.runs_adapter:
             return base(x)
         if isinstance(base, Linear4bit):
             # the 4-bit layer's compute dtype, as Linear4bit.forward uses it
@@ -116,14 +227,16 @@ class LoraLinear(nn.Module):
             weight = (base.weight.t() if self.fan_in_fan_out else base.weight).to(dtype)
             quant_state = None
         bias = None if base.bias is None else base.bias.to(dtype)
-        y = kernels.lora_linear(x.to(dtype), weight, self.lora_A.weight.to(dtype),
-                                self.lora_B.weight.to(dtype), self.scaling, bias,
+        A, B = self.adapter_weights()
+        y = kernels.lora_linear(x.to(dtype), weight, A.to(dtype), B.to(dtype), self.scaling, bias,
                                 self.dropout if self.training else 0.0, quant_state, backend=self.backend)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
-                f"fan_in_fan_out={self.fan_in_fan_out}, backend={self.backend!r}, merged={self.merged}")
+        adapters = ", ".join(f"{n}: r={s.r}, alpha={s.alpha}, scaling={s.scaling:.4g}, dropout={s.dropout}"
+                             for n, s in self.settings.items())
+        return (f"{{{adapters}}}, active={self.active_adapter!r}, fan_in_fan_out={self.fan_in_fan_out}, "
+                f"backend={self.backend!r}, merged={self.merged}")
 
 
 class TrainableCopy(nn.Module):
@@ -159,4 +272,4 @@ class TrainableCopy(nn.Module):
             return getattr(modules["trained"], name)
 
 
-__all__ = ["LoraLinear", "TrainableCopy", "linear_dims"]
+__all__ = ["AdapterSettings", "LoraLinear", "TrainableCopy", "linear_dims"]

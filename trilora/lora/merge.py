@@ -16,7 +16,7 @@ import torch.nn as nn
 from trilora.quant import Linear4bit, dequantize_4bit
 
 from ..module_tree import replace_module
-from .inject import CONFIG_ATTR, get_lora_config, lora_layers
+from .inject import ACTIVE_ATTR, CONFIG_ATTR, get_lora_config, lora_layers
 from .layer import LoraLinear, TrainableCopy
 
 
@@ -43,7 +43,8 @@ def _dense_from_4bit(base: Linear4bit, delta: torch.Tensor | None, backend: str)
 
 
 def merge_lora(model: nn.Module, requantize: bool = False, unload: bool = True) -> nn.Module:
-    """Fold every adapter of `model` into its base weight, in place; returns `model`.
+    """Fold the active adapter of `model` into its base weights, in place; returns `model`.
+    With unload=True the other adapters (if several) are dropped, as PEFT's merge_and_unload.
 
     unload=True (default): each LoraLinear is replaced by its base module type again
     (nn.Linear / Conv1D; a Linear4bit base becomes a dense nn.Linear in the quant state's
@@ -63,27 +64,29 @@ def merge_lora(model: nn.Module, requantize: bool = False, unload: bool = True) 
             raise ValueError(f"cannot merge into a 4-bit base and keep the adapters ({quantized[0]!r}, ...): "
                              "use merge_lora(model, unload=True) for a dense (or requantize=True) model")
         for _, layer in layers:
-            if not layer.merged:
+            if not layer.merged and layer.active_adapter in layer.lora_A:
                 _fold(layer, +1.0)
                 layer.merged = True
         return model
 
     for name, layer in layers:
         base = layer.base_layer
+        holds_active = layer.active_adapter in layer.lora_A  # else the active adapter skips this layer
         if isinstance(base, Linear4bit):
-            new = _dense_from_4bit(base, layer.delta_weight(), layer.backend)
+            new = _dense_from_4bit(base, layer.delta_weight() if holds_active else None, layer.backend)
             if requantize:
                 new = Linear4bit.from_linear(new, base.quant_type, base.blocksize, base.double_quant,
                                              base.compute_dtype, backend=layer.backend)
         else:
-            if not layer.merged:
+            if not layer.merged and holds_active:
                 _fold(layer, +1.0)
             new = base
         replace_module(model, name, new)
     for name, wrapper in [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableCopy)]:
         replace_module(model, name, wrapper.trained)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, ACTIVE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
     from .hf_integration import uninstall
     return uninstall(model)  # a plain HF model again: save_pretrained writes the whole model
 

@@ -13,8 +13,9 @@ the head can be rebuilt on a fresh base (PEFT keeps them in the base's config in
 ({"quant_type", "blocksize", "double_quant"}): the adapter learned against those dequantized
 weights, so `trilora merge` and `trilora eval` rebuild them by default. PEFT ignores it.
 
-The key of a tensor is its state-dict key in a trilora-adapted model with the prefix added,
-which is PEFT's key with the adapter name removed. `load_adapter` checks the whole file
+A trilora-adapted model's state-dict keys are PEFT's in-memory keys without the
+`base_model.model.` prefix (`<module>.lora_A.<adapter>.weight`); a file key is that key with
+the prefix added and the adapter name removed, as in PEFT's files. `load_adapter` checks the whole file
 against the model before it changes anything.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from safetensors.torch import save_file
 
 from ..files import open_safetensors
 from .config import HEAD_TASK_TYPES, LoraConfig
-from .inject import add_lora, get_lora_config, lora_layers, resolve_config, resolve_targets
+from .inject import (DEFAULT_ADAPTER, active_adapter, adapter_configs, add_lora, get_lora_config, lora_layers,
+                     resolve_config, resolve_targets)
 from .layer import TrainableCopy, linear_dims
 
 CONFIG_NAME = "adapter_config.json"
@@ -39,15 +41,20 @@ BASE_QUANTIZATION_KEY = "trilora.base_quantization"
 LABELS_KEY = "trilora.labels"
 
 
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The live adapter tensors of an adapted model, keyed as in the file without the prefix."""
-    config = get_lora_config(model)
+def _adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The live tensors of adapter `adapter_name` (default: the active one) of an adapted
+    model, keyed as in the file without the prefix."""
+    config = get_lora_config(model, adapter_name)
     if config is None:
+        if adapter_configs(model):
+            raise ValueError(f"model has no adapter {adapter_name!r}; its adapters: {sorted(adapter_configs(model))}")
         raise ValueError("model has no trilora adapter (call add_lora or load_adapter first)")
+    name_of = adapter_name or active_adapter(model)
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        out[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        out[f"{name}.lora_B.weight"] = layer.lora_B.weight
+        if name_of not in layer.lora_A:
+            continue
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = layer.adapter_weights(name_of)
         if config.bias == "lora_only" and layer.base_layer.bias is not None:
             out[f"{name}.base_layer.bias"] = layer.base_layer.bias
     copies = [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableCopy)]
@@ -60,10 +67,12 @@ def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors `save_adapter` writes (CPU copies), keyed as in PEFT's file (with the prefix)."""
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes (CPU copies), keyed as in PEFT's file (with the
+    prefix), of adapter `adapter_name` (default: the active one)."""
     # clone: safetensors refuses tensors that share storage (tied weights)
-    return {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in _adapter_tensors(model).items()}
+    return {PREFIX + k: v.detach().to("cpu").contiguous().clone()
+            for k, v in _adapter_tensors(model, adapter_name).items()}
 
 
 def base_quantization(model: nn.Module) -> dict | None:
@@ -116,23 +125,25 @@ def adapter_labels(path: str | os.PathLike) -> list[str] | None:
     return labels
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
-    """Write `model`'s adapter to directory `path` in PEFT's format; returns the path.
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> str:
+    """Write `model`'s adapter `adapter_name` (default: the active one) to directory `path`
+    in PEFT's format; returns the path.
 
     `peft.PeftModel.from_pretrained(base_model, path)` loads it (same logits as trilora).
     The 4-bit format of the base, if any, goes into the weights file's metadata.
     """
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model, adapter_name)
+    config = get_lora_config(model, adapter_name)
     metadata = {"format": "pt"}
     if (quant := base_quantization(model)) is not None:
         metadata[BASE_QUANTIZATION_KEY] = json.dumps(quant)
     id2label = getattr(getattr(model, "config", None), "id2label", None)
-    if get_lora_config(model).task_type in HEAD_TASK_TYPES and id2label:
+    if config.task_type in HEAD_TASK_TYPES and id2label:
         metadata[LABELS_KEY] = json.dumps([id2label[i] for i in sorted(id2label, key=int)])
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(get_lora_config(model).to_peft_dict(), f, indent=2, sort_keys=True)
+        json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
         f.write("\n")
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
     return path
@@ -231,42 +242,60 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto",
-                 is_trainable: bool = False) -> nn.Module:
+                 is_trainable: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Inject the adapter saved at `path` (by trilora or PEFT) into `model`, in place.
 
     Everything is validated before the model is touched: a config for a LoRA variant trilora
     does not implement, or an adapter for another base (module names or shapes differ), raises
     ValueError and leaves `model` as it was. `is_trainable=False` (PEFT's default) freezes the
-    adapter too; True leaves it (and modules_to_save, biases) trainable. Returns `model`.
+    adapter too; True leaves it (and modules_to_save, biases) trainable. On a model that
+    already carries adapters it is added as `adapter_name` (a new name), frozen and inactive
+    until `set_adapter` (PEFT's `load_adapter`). Returns `model`.
     """
-    if any(True for _ in lora_layers(model)):
+    existing = adapter_configs(model)
+    if not existing and any(True for _ in lora_layers(model)):
         raise ValueError("model already has LoRA layers; load the adapter into a fresh base model")
+    if adapter_name in existing:
+        raise ValueError(f"model already has an adapter named {adapter_name!r}: pass another adapter_name "
+                         f"(adapters: {sorted(existing)}), or load_adapter_weights to overwrite its values")
     config, tensors = read_adapter(path)
     config = resolve_config(model, config)
     plan = _plan(model, config, tensors)
-    add_lora(model, config, backend=backend, strict=False)
+    add_lora(model, config, backend=backend, strict=False, adapter_name=adapter_name)
     targets = {**dict(model.named_parameters(remove_duplicate=False)),
                **dict(model.named_buffers(remove_duplicate=False))}
     with torch.no_grad():
         for file_key, model_key in plan.items():
-            targets[model_key].copy_(tensors[file_key])
+            targets[_live_key(model_key, adapter_name)].copy_(tensors[file_key])
     if not is_trainable:
-        for p in model.parameters():
+        frozen = model.parameters() if not existing else (
+            p for _, layer in lora_layers(model) if adapter_name in layer.lora_A
+            for p in layer.adapter_weights(adapter_name))
+        for p in frozen:
             p.requires_grad_(False)
     return model
 
 
-def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Copy the tensors of the adapter at `path` into the adapter `model` already has (e.g. to
-    resume training from a checkpoint), in place; returns `model`.
+def _live_key(key: str, adapter_name: str) -> str:
+    """A file key's state-dict key in the adapted model: `x.lora_A.weight` → `x.lora_A.<adapter>.weight`."""
+    for part in (".lora_A.weight", ".lora_B.weight"):
+        if key.endswith(part):
+            return key[: -len(".weight")] + f".{adapter_name}.weight"
+    return key
+
+
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Copy the tensors of the adapter at `path` into the adapter `adapter_name` (default: the
+    active one) `model` already has (e.g. to resume training from a checkpoint), in place;
+    returns `model`.
 
     The file must hold exactly the tensors `save_adapter(model)` would write, same shapes;
     otherwise ValueError, before anything is copied. The file's config is not applied (r,
     alpha, targets stay as the model has them) but its rank must match.
     """
     config, tensors = read_adapter(path)
-    live = _adapter_tensors(model)
-    own = get_lora_config(model)
+    live = _adapter_tensors(model, adapter_name)
+    own = get_lora_config(model, adapter_name)
     if config.r != own.r or config.bias != own.bias:
         raise ValueError(f"adapter at {os.fspath(path)!r} has r={config.r}, bias={config.bias!r}; the model's "
                          f"adapter has r={own.r}, bias={own.bias!r}")

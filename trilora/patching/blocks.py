@@ -50,7 +50,7 @@ def unsupported_projection(module: nn.Module) -> str | None:
 
 def block_dropout(modules) -> float | None:
     """The one LoRA dropout p of `modules` (0.0 without adapters); None when they differ."""
-    ps = {m.dropout for m in modules if isinstance(m, LoraLinear)}
+    ps = {m.dropout for m in modules if isinstance(m, LoraLinear) and m.active_adapter in m.lora_A}
     return (ps.pop() if ps else 0.0) if len(ps) <= 1 else None
 
 
@@ -68,7 +68,7 @@ def projections_of(modules, x: torch.Tensor) -> tuple[torch.Tensor, list[Project
     dtype = _compute_dtype(modules, x)
     projs, ps = [], set()
     for m in modules:
-        lora = m if isinstance(m, LoraLinear) and not m.merged else None
+        lora = m if isinstance(m, LoraLinear) and m.runs_adapter else None  # not merged / disabled / absent
         base = m.base_layer if isinstance(m, LoraLinear) else m
         if isinstance(base, Linear4bit):
             weight, qs = base.weight, base.quant_state
@@ -79,8 +79,8 @@ def projections_of(modules, x: torch.Tensor) -> tuple[torch.Tensor, list[Project
             projs.append(Projection(weight, qs, bias=bias))
             continue
         ps.add(lora.dropout if lora.training else 0.0)
-        projs.append(Projection(weight, qs, lora.lora_A.weight.to(dtype), lora.lora_B.weight.to(dtype),
-                                lora.scaling, bias))
+        A, B = lora.adapter_weights()
+        projs.append(Projection(weight, qs, A.to(dtype), B.to(dtype), lora.scaling, bias))
     if len(ps) > 1:
         raise ValueError(f"the adapters of one block must share one active dropout p, got {sorted(ps)} "
                          "(are some of them in eval mode?)")
