@@ -195,3 +195,19 @@ def test_peft_model_view_is_recognised_and_shares_everything():
         assert max_diff(logits(view), logits(tiny("llama"))) == 0
     with pytest.raises(ValueError, match="needs a model with trilora adapters"):
         as_peft_model(tiny("llama"))
+
+
+def test_patched_blocks_follow_the_active_and_the_disabled_adapter():
+    """trilora.patch's fused attention/MLP read each projection's active adapter at every call:
+    switching adapters and disable_adapter() give the unpatched model's logits."""
+    from trilora.patching import patch
+    ours, _ = pair()
+    plain = twin(ours)
+    patch(ours, backend="torch", warn=False)
+    ids = input_ids()
+    for name in ("two", "three", "default"):
+        set_adapter(ours, name)
+        set_adapter(plain, name)
+        assert max_diff(logits(ours, ids), logits(plain, ids)) < 1e-5
+    with ours.disable_adapter():
+        assert max_diff(logits(ours, ids), logits(tiny("llama"), ids)) < 1e-5
