@@ -17,7 +17,7 @@ baseline "hf_peft" is HF's unfused MLP / q,k,v projections with PEFT-style LoRA 
 TFLOP/s of the nominal GEMM work (3 and 6 M·H·I GEMMs for the MLP fwd and fwd+bwd: the block's
 backward recomputation counts as overhead), ceiling_pct against the bf16 GEMM. saved_mem_mb /
 baseline_saved_mem_mb: memory autograd holds between forward and backward (the MLP block keeps
-x only). In --smoke mode these rows appear only with --lora-blocks (tests/test_bench_block_smoke.py
+x only). In --smoke mode these rows appear only with --lora-blocks (tests/test_bench_smoke.py
 pins the smoke row set).
 
     python bench/bench_block_kernels.py [--out bench/results/X.json]    # GPU
@@ -39,7 +39,7 @@ from trilora.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E4
 from trilora.kernels.lora import Projection, lora_mlp, lora_qkv  # noqa: E402
 from trilora.kernels.rms_norm import rms_norm  # noqa: E402
 from trilora.kernels.rope import apply_rotary_pos_emb  # noqa: E402
-from trilora.kernels.swiglu import swiglu  # noqa: E402
+from trilora.kernels.glu import swiglu  # noqa: E402
 
 GPU = dict(batch=4, seq=2048, hidden=4096, inter=14336, n_q=32, n_kv=8, head_dim=128, vocab=128256)
 SMOKE = dict(batch=2, seq=16, hidden=64, inter=96, n_q=4, n_kv=2, head_dim=16, vocab=250)

@@ -1,4 +1,5 @@
-"""A character-level tokenizer built locally (no hub download) for the data tests."""
+"""For the data tests: a character-level tokenizer built locally (no hub download), JSONL files."""
+import json
 import string
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -26,3 +27,9 @@ def char_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedToken
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def write_jsonl(path, rows):
+    """Each row is a dict (dumped as JSON) or a raw string written as the line itself."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

@@ -4,17 +4,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
 ROW_KEYS = {"device", "torch", "triton", "op", "mode", "shape", "dtype", "rank", "ours_ms",
             "baseline", "baseline_ms", "ratio", "achieved", "ceiling_pct"}
+BLOCK_OPS = {"rms_norm", "rms_norm_gemma", "rope", "swiglu", "fused_linear_cross_entropy"}
+
+
+def smoke_rows(script: str, tmp_path, *flags: str) -> list[dict]:
+    """The JSON rows `bench/<script> --smoke` writes (a fresh process, interpreter off)."""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, f"bench/{script}", "--smoke", *flags, "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0"})
+    return json.loads(out.read_text())
 
 
 def test_dequantize_bench_smoke(tmp_path):
-    out = tmp_path / "rows.json"
-    subprocess.run([sys.executable, "bench/bench_dequantize.py", "--smoke", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, env={"PATH": "/usr/bin:/bin",
-                                                                   "TRITON_INTERPRET": "0"})
-    rows = json.loads(out.read_text())
+    rows = smoke_rows("bench_dequantize.py", tmp_path)
     assert {r["op"] for r in rows} == {"dequantize_nf4", "dequantize_fp4"}
     for r in rows:
         assert ROW_KEYS <= set(r)
@@ -22,18 +31,9 @@ def test_dequantize_bench_smoke(tmp_path):
         assert r["device"].startswith("cpu-smoke")
 
 
-def test_dequantize_bench_refuses_cpu_timing():
-    proc = subprocess.run([sys.executable, "bench/bench_dequantize.py"], cwd=ROOT,
-                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
-    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr
-
-
 def test_train_step_bench_smoke(tmp_path):
     """All three contenders (trilora QLoRA, PEFT + bitsandbytes, trilora LoRA) build and step."""
-    out = tmp_path / "rows.json"
-    subprocess.run([sys.executable, "bench/bench_train_step.py", "--smoke", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0"})
-    rows = json.loads(out.read_text())
+    rows = smoke_rows("bench_train_step.py", tmp_path)
     assert {r["contender"] for r in rows} == {"trilora_qlora", "trilora_lora_bf16"}
     for r in rows:
         assert ROW_KEYS <= set(r) and {"tokens_per_s", "peak_mem_gb", "baseline_peak_mem_gb", "mfu"} <= set(r)
@@ -64,3 +64,56 @@ def test_trilora_bench_cli_runs_the_scripts(tmp_path, monkeypatch):
     out = tmp_path / "rows.json"
     assert main(["bench", "dequant", "--smoke", "--out", str(out)]) == 0
     assert {r["op"] for r in json.loads(out.read_text())} == {"dequantize_nf4", "dequantize_fp4"}
+
+
+def test_bench_smoke(tmp_path):
+    """The GPU benchmark's harness on tiny CPU shapes (torch path): rows complete, no timings."""
+    rows = smoke_rows("bench_lora_linear.py", tmp_path)
+    for r in rows:
+        assert ROW_KEYS <= set(r) and r["ours_ms"] is None and r["ratio"] is None  # never a CPU speed
+    assert {(r["op"], r["baseline"]) for r in rows} == {
+        ("lora_linear", "dense_bf16"), ("lora_linear", "torch_lora_bf16"),
+        ("qlora_linear", "dense_bf16"), ("qlora_linear", "dequant_cublas"), ("qlora_linear", "peft_bnb")}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+
+
+def test_bench_sweep_smoke(tmp_path):
+    """--sweep: one row per alternative (tiles, TMA off, NF4 buffer vs in-loop) and mode, no timings."""
+    rows = smoke_rows("bench_lora_linear.py", tmp_path, "--sweep")
+    assert all(r["op"] == "sweep" and r["ours_ms"] is None and "error" not in r for r in rows)
+    settings = {r["setting"] for r in rows if r["kernel"] == "qlora_linear"}
+    assert {"default", "tile=wide", "tile=unpack", "tma=off", "nf4=buffer", "nf4=in_loop"} <= settings
+    assert "tile=unpack" not in {r["setting"] for r in rows if r["kernel"] == "lora_linear"}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the benchmark would run for real")
+@pytest.mark.parametrize("script", ["bench_dequantize.py", "bench_lora_linear.py", "bench_block_kernels.py"])
+def test_bench_refuses_cpu_timing(script):
+    """Without --smoke a benchmark times for real: never on a CPU."""
+    done = subprocess.run([sys.executable, f"bench/{script}"], cwd=ROOT,
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
+
+
+def test_block_kernels_bench_smoke(tmp_path):
+    rows = smoke_rows("bench_block_kernels.py", tmp_path)
+    assert {r["op"] for r in rows} == BLOCK_OPS
+    assert {(r["op"], r["mode"]) for r in rows} == {(op, mode) for op in BLOCK_OPS for mode in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["baseline"] == "hf_module" and r["rank"] is None
+        assert r["ours_ms"] is None and r["baseline_ms"] is None and r["ratio"] is None  # never a speed from a CPU
+        assert r["device"].startswith("cpu-smoke")
+        if r["op"] == "fused_linear_cross_entropy":
+            assert {"peak_mem_mb", "baseline_peak_mem_mb"} <= set(r)
+
+
+def test_bench_rows_smoke(tmp_path):
+    """bench/bench_block_kernels.py --smoke --lora-blocks: the LoRA block rows, no CPU timings."""
+    rows = [r for r in smoke_rows("bench_block_kernels.py", tmp_path, "--lora-blocks") if r["op"].startswith("lora_")]
+    assert {(r["op"], r["base"], r["mode"]) for r in rows} == {
+        (op, base, mode) for op, base in (("lora_mlp", "dense"), ("lora_mlp", "nf4"), ("lora_qkv", "dense"))
+        for mode in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert r["baseline"] == "hf_peft" and r["rank"] == 16 and r["device"].startswith("cpu-smoke")
+        assert r["ours_ms"] is None and r["baseline_ms"] is None and r["saved_mem_mb"] is None

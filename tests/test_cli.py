@@ -1,5 +1,5 @@
 """The command line: the embedded demo end to end, eval / merge / generate with its adapter,
-classification metrics, YAML settings overridden by flags, --help, multi-task mixing."""
+eval of a classification file, YAML settings overridden by flags, --help, multi-task mixing."""
 import json
 import math
 import time
@@ -129,21 +129,6 @@ def test_generate_command(demo):
                              "### prompt\nrotate: planet =\n### completion\n")
 
 
-def test_classification_metrics_by_hand():
-    refs = ["a", "a", "b", "b", "c"]
-    preds = [" a", "b", "b", "b\n", "x"]  # "x" is no label: wrong for its true class c
-    m = classification_metrics(preds, refs)
-    # a: P 1, R 1/2, F1 2/3;  b: P 2/3, R 1, F1 4/5;  c: P 0, R 0, F1 0
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    assert m["precision"] == pytest.approx((1 + 2 / 3) / 3)
-    assert m["recall"] == pytest.approx((1 / 2 + 1) / 3)
-    assert m["f1"] == pytest.approx((2 / 3 + 4 / 5) / 3)
-    assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
-    with_unseen = classification_metrics(preds, refs, labels=["a", "b", "c", "d"])
-    assert with_unseen["precision"] == pytest.approx((1 + 2 / 3) / 4)
-    assert classification_metrics(["a"], ["a"])["f1"] == 1.0
-
-
 def test_eval_of_a_classification_file(tmp_path, monkeypatch):
     rows = [{"text": f"review {i}", "label": label} for i, label in enumerate(["pos", "neg", "pos", "neu"])]
     data = write_jsonl(tmp_path / "cls.jsonl", rows)
@@ -227,21 +212,14 @@ def test_demo_data_is_the_same_in_every_process():
     assert len(digests) == 1
 
 
-def test_evaluation_loss_never_holds_the_logits(monkeypatch):
-    """A causal LM's evaluation loss goes through the fused linear cross-entropy (no [tokens,
-    vocab] logits) and equals the loss from the model's own logits."""
-    from _trainer_helpers import tiny_llama
+def test_bench_without_the_checkout_bench_folder_says_so_in_one_line(tmp_path, monkeypatch):
+    """`trilora bench` from a wheel (no bench/ beside the package): one error line, exit 2."""
+    from trilora.cli import bench
 
-    from trilora.trainer import evaluate as ev
-    model = tiny_llama()
-    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[0, :4] = -100
-    batches = [{"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}]
-    fused = ev.evaluate_loss(model, batches, torch.device("cpu"))
-    lm_head_calls = []
-    model.lm_head.register_forward_hook(lambda *a: lm_head_calls.append(1))
-    assert ev.evaluate_loss(model, batches, torch.device("cpu"))["loss"] == fused["loss"] and not lm_head_calls
-    with torch.no_grad():
-        want = model(input_ids=ids, labels=labels).loss.item()
-    assert fused["loss"] == pytest.approx(want, rel=1e-5) and fused["tokens"] == int((labels[:, 1:] != -100).sum())
+    assert bench.BENCH_DIR == DEMO_MODEL.parents[2] / "bench"  # the checkout's, from trilora/cli/
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path / "bench")
+    code, stdout, err = run_cli(["bench", "--smoke"])
+    assert code == 2 and stdout == ""
+    assert err == (f"trilora bench: error: {tmp_path / 'bench'}: the benchmarks live in trilora's source "
+                   "checkout (bench/), which this installation does not have: clone the repository, "
+                   "`pip install -e .` there and run `trilora bench` (or `python bench/<script>.py`)\n")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 
 import torch
-from test_lora_linear import DEV, FP32_TOL, make_case, rel_err
+from _blocks import FP32_TOL, rel_err
+from test_lora_linear import DEV, make_case
 
 from trilora.kernels.backend import HAS_TRITON
 from trilora.kernels.lora import lora_dropout_mask, lora_linear, lora_linear_ref

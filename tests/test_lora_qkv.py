@@ -20,7 +20,7 @@ from trilora.lora import LoraLinear
 from trilora.patching.blocks import projections_of
 
 projections = importlib.import_module("trilora.kernels.lora.projections")
-engine = importlib.import_module("trilora.kernels.lora.engine")
+kernel_backend = importlib.import_module("trilora.kernels.backend")
 configs = importlib.import_module("trilora.kernels.lora.configs")
 HIDDEN, NQ, NKV = 48, 48, 24  # 4 query heads and 2 key/value heads of dim 12
 
@@ -110,7 +110,7 @@ def test_in_loop_unpack_of_three_segments(quant, p):
 def test_outputs_are_poisoned_then_written(monkeypatch):
     """Launcher outputs poisoned: an element a kernel forgets to write fails the comparison."""
     from test_lora_linear import poison
-    monkeypatch.setattr(engine, "_empty", poison)
+    monkeypatch.setattr(kernel_backend, "_empty", poison)  # every kernel output is allocated through it
     for hidden in (HIDDEN, 64):  # the buffer path and the in-loop unpack
         x, dys = inputs(torch.float32, seed=2, hidden=hidden)
         check_all(x, make_qkv((8, 0, 3), bias=True, quant=(("nf4", True, 32),) * 3, hidden=hidden), dys, p=0.2)

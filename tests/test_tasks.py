@@ -1,6 +1,6 @@
 """Supervised tasks with real heads through the CLI (issue 12): sentence classification on a
 bare encoder checkpoint and on a decoder, with PEFT interop, eval / predict / merge; the
-task choice and its errors; class weights; the split when --test-data is given."""
+task choice and its errors; class weights."""
 import json
 
 import pytest
@@ -158,13 +158,6 @@ def test_balanced_class_weights_and_weighted_metrics():
     # a: P 1/2 R 1 F1 2/3 (support 1); b: P 1 R 2/3 F1 4/5 (support 3)
     assert m["weighted_f1"] == pytest.approx((2 / 3 * 1 + 4 / 5 * 3) / 4)
     assert m["confusion_matrix"] == [[1, 0], [1, 2]]
-
-
-def test_test_data_alone_still_leaves_a_validation_split(tmp_path):
-    rows = [{"prompt": f"p{i}", "completion": "c"} for i in range(50)]
-    from trilora.trainer import load_splits
-    splits, _ = load_splits(rows, None, rows[:5], ratios=(0.8, 0.2))
-    assert (len(splits.train), len(splits.validation), len(splits.test)) == (40, 10, 5)
 
 
 # ----------------------------------------------------------------------------- entity tagging

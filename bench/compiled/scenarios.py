@@ -136,15 +136,16 @@ def quant_scenarios():
 def block_scenarios():
     """(label, thunk) of the transformer-block kernels (norm, RoPE, GLU, cross-entropy)."""
     from importlib import import_module  # trilora.kernels re-exports functions named like these modules
-    CE, RN, RP, SW, MLP = (import_module(f"trilora.kernels.{m}") for m in
-                           ("cross_entropy", "rms_norm", "rope", "swiglu", "lora.mlp"))
+    CE, RN, RP, GLU, MLP = (import_module(f"trilora.kernels.{m}") for m in
+                            ("cross_entropy", "rms_norm", "rope", "glu", "lora.mlp"))
     e = lambda *s, dt=BF16: torch.empty(*s, dtype=dt)  # noqa: E731
     m = TRAIN_M
-    for act in MLP.ACTIVATIONS:
-        yield f"glu fwd {act}", lambda act=act: MLP.glu_forward(e(m, 2 * INTER), act)
-        yield f"glu bwd {act}", lambda act=act: MLP.glu_backward_(e(m, INTER), e(m, 2 * INTER), act)
-    yield "swiglu fwd", lambda: SW.swiglu_forward(e(m, INTER), e(m, INTER))
-    yield "swiglu bwd", lambda: SW.swiglu_backward(e(m, INTER), e(m, INTER), e(m, INTER))
+    for act in GLU.ACTIVATIONS:  # the LoRA MLP's [g | u] halves, its backward in place
+        yield f"glu fwd {act}", lambda act=act: MLP._glu_forward(e(m, 2 * INTER), act)
+        yield f"glu bwd {act}", lambda act=act: MLP._glu_backward_(e(m, INTER), e(m, 2 * INTER), act)
+    # swiglu() on two contiguous tensors (one long row)
+    yield "swiglu fwd", lambda: GLU.glu_forward(e(m, INTER), e(m, INTER), "silu")
+    yield "swiglu bwd", lambda: GLU.glu_backward(e(m, INTER), e(m, INTER), e(m, INTER), "silu")
     for gemma in (False, True):
         yield f"rms_norm fwd gemma={gemma}", lambda g=gemma: RN.rms_norm_forward(e(m, H), e(H), 1e-6, g)
         yield f"rms_norm bwd gemma={gemma}", lambda g=gemma: RN.rms_norm_backward(

@@ -7,13 +7,13 @@ from .codebooks import code_4bit, dynamic_map_signed
 from .cross_entropy import (FusedLinearCrossEntropyLoss, cross_entropy, cross_entropy_ref,
                             fused_linear_cross_entropy, fused_linear_cross_entropy_ref)
 from .dequantize_4bit import dequantize_4bit_ref, dequantize_4bit_triton
+from .glu import GLU, SwiGLU, glu, glu_ref, swiglu, swiglu_ref
 from .lora import (Projection, lora_dropout_mask, lora_linear, lora_linear_ref, lora_mlp, lora_mlp_ref,
                    lora_projections, lora_projections_ref, lora_qkv)
 from .quantize_blockwise import (quantize_4bit_ref, quantize_4bit_triton,
                                  quantize_8bit_blockwise_ref, quantize_8bit_blockwise_triton)
 from .rms_norm import RMSNorm, rms_norm, rms_norm_ref
 from .rope import apply_rotary_pos_emb, rope_ref
-from .swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
     "HAS_TRITON", "interpreter_active", "resolve_backend",
@@ -25,7 +25,7 @@ __all__ = [
     "lora_mlp", "lora_mlp_ref", "Projection", "lora_projections", "lora_projections_ref", "lora_qkv",
     "RMSNorm", "rms_norm", "rms_norm_ref",
     "apply_rotary_pos_emb", "rope_ref",
-    "SwiGLU", "swiglu", "swiglu_ref",
+    "GLU", "SwiGLU", "glu", "glu_ref", "swiglu", "swiglu_ref",
     "FusedLinearCrossEntropyLoss", "cross_entropy", "cross_entropy_ref",
     "fused_linear_cross_entropy", "fused_linear_cross_entropy_ref",
 ]

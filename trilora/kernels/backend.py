@@ -23,9 +23,27 @@ BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every op computes in
 
 
+# Every kernel output is allocated through `output` / `output_like`, which read `_empty` at call
+# time, so tests can swap in NaN-filled buffers: an element a kernel forgets to write then fails.
+_empty = torch.empty
+
+
+def output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised contiguous output tensor."""
+    return _empty(shape, dtype=dtype, device=device)
+
+
+def output_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `t`'s shape and dtype laid out like `t` (its dimensions in
+    `t`'s stride order, dense), as `torch.empty_like` lays it out."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))          # outermost first
+    buf = output([t.shape[d] for d in order], t.dtype, t.device)
+    return buf.permute(*sorted(range(t.dim()), key=order.index))
+
+
 def rows_2d(t: torch.Tensor) -> torch.Tensor:
     """[..., N] → [rows, N] with unit column stride (a view when the strides allow it): the
-    layout the row-wise kernels (RMSNorm, SwiGLU) read."""
+    layout the row-wise kernels (RMSNorm, GLU) read."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, resolve_backend, rows_2d
+from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, output, resolve_backend, rows_2d
 
 if HAS_TRITON:
     import triton
@@ -157,15 +157,14 @@ def _n_programs(device: torch.device) -> int:
 
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
-                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward. x [rows, H] (unit column stride), weight [H] → (y [rows, H], rstd fp32 [rows]).
 
-    y's dtype: x's for Gemma, promote(weight, x) for Llama. `out` (contiguous) receives y.
+    y's dtype: x's for Gemma, promote(weight, x) for Llama.
     """
     n_rows, n_cols = x.shape
     y_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
-    y = out if out is not None else torch.empty((n_rows, n_cols), dtype=y_dtype, device=x.device)
+    y = output((n_rows, n_cols), y_dtype, x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, rstd
@@ -177,13 +176,10 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: b
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      gemma: bool, need_dw: bool,
-                      dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton backward. dy, x [rows, H] (unit column stride) → (dx [rows, H] in x's dtype, dW [H] or None).
-
-    `dx` (unit column stride) receives dx when given."""
+                      gemma: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton backward. dy, x [rows, H] (unit column stride) → (dx [rows, H] in x's dtype, dW [H] or None)."""
     n_rows, n_cols = x.shape
-    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device) if dx is None else dx
+    dx = output((n_rows, n_cols), x.dtype, x.device)
     if n_rows == 0:
         return dx, weight.new_zeros(weight.shape) if need_dw else None
     block_rows, block_cols, num_warps = _blocks(n_cols)

@@ -16,11 +16,9 @@ llama3, yarn, ...) are HF's own computation; this op only applies them. With x =
 
 Out-of-place: `apply_rotary_pos_emb` does not modify q and k; its outputs have q's and k's
 strides when those are dense (HF passes transposed views of the projections), so no layout
-change leaks out. The launcher `rope_apply(q_out=q, k_out=k)` is in-place-safe (each program
-loads both halves of its rows before storing them) for callers that own q and k; the
-autograd path stays out-of-place: the backward saves only cos/sin, so the unrotated q/k are
-freed as soon as the caller drops them, and in-place writes into HF's projection views would
-need autograd's view/in-place bookkeeping. cos and sin get no gradient (HF computes them
+change leaks out. Out-of-place on purpose: the backward saves only cos/sin, so the unrotated
+q/k are freed as soon as the caller drops them, and in-place writes into HF's projection views
+would need autograd's view/in-place bookkeeping. cos and sin get no gradient (HF computes them
 under no_grad).
 Reading order: reference → kernel → launcher → autograd Function → `apply_rotary_pos_emb`.
 """
@@ -28,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, resolve_backend
+from .backend import FLOAT_DTYPES, HAS_TRITON, check_same_device, output_like, resolve_backend
 
 if HAS_TRITON:
     import triton
@@ -121,17 +119,14 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def rope_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               backward: bool = False, q_out: torch.Tensor | None = None,
-               k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton: rotate q [B, Hq, L, D] and k [B, Hkv, L, D] by cos/sin [B or 1, L, D] in one launch.
 
-    `backward=True` rotates by the negative angle (the gradient). Outputs: `q_out`/`k_out`
-    when given (any strides with unit stride on D), else new tensors with q's/k's layout.
-    Inputs are assumed checked (`apply_rotary_pos_emb` checks them).
+    `backward=True` rotates by the negative angle (the gradient). Outputs: new tensors laid
+    out like q and k. Inputs are assumed checked (`apply_rotary_pos_emb` checks them).
     """
     q, k, cos, sin = _unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin)
-    q_out = torch.empty_like(q) if q_out is None else q_out
-    k_out = torch.empty_like(k) if k_out is None else k_out
+    q_out, k_out = output_like(q), output_like(k)
     batch, n_q, seq_len, dim = q.shape
     n_kv = k.shape[1]
     if q.numel() == 0 and k.numel() == 0:

@@ -59,15 +59,9 @@ def merge_lora(model: nn.Module, requantize: bool = False, unload: bool = True) 
     if not unload:
         if requantize:
             raise ValueError("requantize=True needs unload=True (a merged 4-bit layer is a new layer)")
-        quantized = [n for n, layer in layers if isinstance(layer.base_layer, Linear4bit)]
-        if quantized:
-            raise ValueError(f"cannot merge into a 4-bit base and keep the adapters ({quantized[0]!r}, ...): "
-                             "use merge_lora(model, unload=True) for a dense (or requantize=True) model")
-        for _, layer in layers:
-            if not layer.merged and layer.active_adapter in layer.lora_A:
-                _fold(layer, +1.0)
-                layer.merged = True
-        return model
+        _refuse_4bit(layers, "cannot merge into a 4-bit base and keep the adapters ({}, ...): use "
+                             "merge_lora(model, unload=True) for a dense (or requantize=True) model")
+        return _set_merged(model, layers, True)
 
     for name, layer in layers:
         base = layer.base_layer
@@ -100,14 +94,22 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRA layers to unmerge (merge_lora(unload=True) removes them)")
+    _refuse_4bit(layers, "cannot unmerge a 4-bit base ({}): adapters on 4-bit layers are never folded in place")
+    return _set_merged(model, layers, False)
+
+
+def _refuse_4bit(layers, message: str) -> None:
     quantized = [n for n, layer in layers if isinstance(layer.base_layer, Linear4bit)]
     if quantized:
-        raise ValueError(f"cannot unmerge a 4-bit base ({quantized[0]!r}): adapters on 4-bit layers are never "
-                         "folded in place")
+        raise ValueError(message.format(repr(quantized[0])))
+
+
+def _set_merged(model: nn.Module, layers, merged: bool) -> nn.Module:
+    """Fold (merged=True) or take out (False) each layer's active adapter where it is not yet so."""
     for _, layer in layers:
-        if layer.merged:
-            _fold(layer, -1.0)
-            layer.merged = False
+        if layer.merged != merged and layer.active_adapter in layer.lora_A:
+            _fold(layer, 1.0 if merged else -1.0)
+            layer.merged = merged
     return model
 
 

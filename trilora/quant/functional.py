@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.backend import FLOAT_DTYPES, check_has_data, check_same_device, resolve_backend
+from ..kernels.backend import FLOAT_DTYPES, check_has_data, resolve_backend
 from ..kernels.codebooks import QUANT_TYPES, code_4bit, dynamic_map_signed
-from ..kernels.dequantize_4bit import dequantize_4bit_ref, dequantize_4bit_triton, restore_absmax_ref
+from ..kernels.quant_state import BaseWeight, check_packed_state
 from ..kernels.quantize_blockwise import (quantize_4bit_ref, quantize_4bit_triton,
                                           quantize_8bit_blockwise_ref, quantize_8bit_blockwise_triton)
 from .state import QuantState
@@ -67,37 +67,15 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
 
 
 def validate_quant_state(packed: torch.Tensor, state: QuantState) -> None:
-    """Raise TypeError/ValueError naming the problem when `packed` and `state` do not fit together."""
+    """Raise TypeError/ValueError naming the problem when `packed` and `state` do not fit
+    together: a trilora QuantState, supported options and dtype, and the kernels' one
+    packed/state check (`kernels.quant_state.check_packed_state`)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a trilora QuantState, got {type(state).__name__}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
-        raise TypeError(f"packed must be a uint8 tensor, got {got}")
     _check_options(state.quant_type, state.blocksize)
     if state.dtype not in FLOAT_DTYPES:
         raise ValueError(f"state.dtype must be float32, float16 or bfloat16, got {state.dtype}")
-    want = (state.numel + 1) // 2
-    if packed.numel() != want:
-        raise ValueError(f"packed has {packed.numel()} bytes but the state describes shape "
-                         f"{tuple(state.shape)} ({want} bytes): is the state from another tensor?")
-    if state.absmax.numel() != state.nblocks:
-        raise ValueError(f"state.absmax has {state.absmax.numel()} entries, shape {tuple(state.shape)} "
-                         f"with blocksize {state.blocksize} needs {state.nblocks}")
-    if state.code.numel() != 16:
-        raise ValueError(f"state.code must have 16 entries, got {state.code.numel()}")
-    if state.nested:
-        if state.absmax.dtype != torch.uint8:
-            raise ValueError(f"a double-quantized state needs uint8 absmax codes, got {state.absmax.dtype}")
-        n_nested = -(-state.nblocks // state.nested_blocksize)
-        if state.nested_absmax.numel() != n_nested:
-            raise ValueError(f"state.nested_absmax has {state.nested_absmax.numel()} entries, needs {n_nested}")
-        if state.nested_code is None or state.nested_code.numel() != 256 or state.offset is None:
-            raise ValueError("a double-quantized state needs a 256-entry nested_code and an offset")
-    elif state.absmax.dtype != torch.float32:
-        raise ValueError(f"state.absmax must be float32 without double quant, got {state.absmax.dtype}")
-    check_same_device(packed=packed, absmax=state.absmax, code=state.code,
-                      nested_absmax=state.nested_absmax, nested_code=state.nested_code,
-                      offset=state.offset)
+    check_packed_state(packed, state, name="state")
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
@@ -110,16 +88,5 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     dtype = state.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    n = state.numel
-    code = state.code.float()
-    if resolve_backend(backend, packed) == "triton":
-        nested = dict(nested_absmax=state.nested_absmax, nested_code=state.nested_code,
-                      offset=state.offset, nested_blocksize=state.nested_blocksize) if state.nested else {}
-        out = dequantize_4bit_triton(packed, state.absmax, code, state.blocksize, n, dtype, **nested)
-    else:
-        absmax = state.absmax
-        if state.nested:
-            absmax = restore_absmax_ref(absmax, state.nested_absmax, state.nested_code,
-                                        state.offset, state.nested_blocksize)
-        out = dequantize_4bit_ref(packed, absmax, code, state.blocksize, n, dtype)
+    out = BaseWeight.of(packed, state).dequantized(dtype, resolve_backend(backend, packed)).weight
     return out.view(state.shape)

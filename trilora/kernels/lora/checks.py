@@ -1,7 +1,7 @@
 """Input checks of `lora_linear`: every bad input gets an error that names the problem.
 
-The quant state is duck-typed (absmax, code, blocksize, shape, nested_absmax, nested_code,
-offset, nested_blocksize): the kernels layer does not import `trilora.quant`.
+The quant state is any `QuantStateLike` (`../quant_state.py`, where its one check lives): the
+kernels layer does not import `trilora.quant`.
 """
 from __future__ import annotations
 
@@ -11,45 +11,14 @@ import numbers
 import torch
 
 from ..backend import FLOAT_DTYPES, check_same_device
+from ..quant_state import QuantStateLike, check_packed_state
 
 
-
-def _check_quant_state(weight: torch.Tensor, quant_state, in_features: int) -> tuple[int, int]:
-    """(out, in) of a packed 4-bit base; raises when the bytes and the state do not fit."""
-    if weight.dtype != torch.uint8:
-        raise TypeError(f"quant_state was given, so weight must be the packed uint8 4-bit tensor, "
-                        f"got {weight.dtype}")
-    for name in ("absmax", "code", "blocksize", "shape"):
-        if getattr(quant_state, name, None) is None:
-            raise TypeError(f"quant_state lacks '{name}' (expected a QuantState-like object)")
-    shape = tuple(quant_state.shape)
+def _check_quant_state(weight: torch.Tensor, quant_state: QuantStateLike, in_features: int) -> tuple[int, int]:
+    """(out, in) of a packed 4-bit base (the one packed/state check, plus the LoRA ops' 2-D rule)."""
+    shape = check_packed_state(weight, quant_state)
     if len(shape) != 2:
         raise ValueError(f"quant_state.shape must be [out, in] of the base weight, got {list(shape)}")
-    n = math.prod(shape)
-    if weight.numel() != (n + 1) // 2:
-        raise ValueError(f"packed weight has {weight.numel()} bytes but quant_state.shape {list(shape)} "
-                         f"needs {(n + 1) // 2}: is the state from another tensor?")
-    if not weight.is_contiguous():
-        raise ValueError("the packed 4-bit weight must be contiguous")
-    blocksize = int(quant_state.blocksize)
-    nblocks = -(-n // blocksize) if blocksize > 0 else -1
-    if blocksize <= 0 or quant_state.absmax.numel() != nblocks:
-        raise ValueError(f"quant_state.absmax has {quant_state.absmax.numel()} entries; shape {list(shape)} "
-                         f"with blocksize {blocksize} needs {nblocks}")
-    if quant_state.code.numel() != 16:
-        raise ValueError(f"quant_state.code must have 16 entries, got {quant_state.code.numel()}")
-    nested = getattr(quant_state, "nested_absmax", None) is not None
-    if nested:
-        if getattr(quant_state, "nested_code", None) is None or getattr(quant_state, "offset", None) is None:
-            raise ValueError("a double-quantized quant_state needs nested_code and offset")
-        if quant_state.absmax.dtype != torch.uint8:
-            raise ValueError(f"a double-quantized quant_state needs uint8 absmax codes, got {quant_state.absmax.dtype}")
-        need = -(-nblocks // int(quant_state.nested_blocksize))
-        if quant_state.nested_absmax.numel() != need or quant_state.nested_code.numel() != 256:
-            raise ValueError(f"quant_state.nested_absmax has {quant_state.nested_absmax.numel()} entries "
-                             f"(needs {need}) and nested_code {quant_state.nested_code.numel()} (needs 256)")
-    elif not quant_state.absmax.is_floating_point():
-        raise ValueError(f"quant_state.absmax must be float without double quant, got {quant_state.absmax.dtype}")
     if shape[1] != in_features:
         raise ValueError(f"x has {in_features} input features but the 4-bit weight's shape is {list(shape)}")
     return shape
@@ -106,10 +75,8 @@ def check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be [{out_features}], got shape {list(bias.shape)}")
 
-    qs = quant_state
-    check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias,
-                      absmax=None if qs is None else qs.absmax, code=None if qs is None else qs.code,
-                      nested_absmax=None if qs is None else getattr(qs, "nested_absmax", None))
+    # (the quant state's tensors were checked against the packed weight's device above)
+    check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
 
 
 def check_frozen(*weights: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """The LoRA GEMM engine: the base-weight operand and the launchers every LoRA op builds on.
 
-    BaseWeight  a frozen W [out, in], dense or packed 4-bit (bitsandbytes' format), as one value
+    BaseWeight  a frozen W [out, in], dense or packed 4-bit (`../quant_state.py`, re-exported here)
     gemm        out = mask ⊙ (L Rm)/(1-p) + Σ_s A_s op(W_s) + bias   (`gemm_kernels.py`)
     lowrank     t = scale · (a ⊙ keep) bᵀ, drawing the dropout mask and keeping it as bits
     matmul_tn   scale · wideᵀ small, split over M (dA, dB)
@@ -13,11 +13,10 @@ it, through pointer loads otherwise (sm_80, the interpreter, any strides). The t
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from ..backend import HAS_TRITON, interpreter_active
+from ..backend import HAS_TRITON, interpreter_active, output  # noqa: F401  (output: the LoRA ops' allocator)
+from ..quant_state import BaseWeight  # noqa: F401  (the engine's operand; defined with the quant-state contract)
 from . import configs
 from .dropout import keep_threshold
 
@@ -26,70 +25,9 @@ if HAS_TRITON:
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from ..dequantize_4bit import dequantize_4bit_triton
     from .gemm_kernels import _gemm_kernel, _gemm_tma_kernel
     from .side_kernels import _lowrank_kernel, _matmul_tn_kernel
 
-# Every output of the LoRA family is allocated through `_empty`, so tests can swap in NaN-filled
-# buffers: an element a kernel forgets to write then fails the comparison.
-_empty = torch.empty
-
-
-def output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised output tensor (through `_empty`, looked up at call time)."""
-    return _empty(shape, dtype=dtype, device=device)
-
-
-class BaseWeight(NamedTuple):
-    """A frozen base weight W [out, in] as the kernels read it.
-
-    Dense: `weight` is W itself, any strides. 4-bit: `weight` holds the packed bytes (element
-    i = row·in + col in byte i // 2, the even element in the high nibble), `absmax` fp32
-    [nblocks] or, double-quantized, uint8 codes restored as nested_code[q] ·
-    nested_absmax[block // nested_blocksize] + offset.
-    """
-    weight: torch.Tensor
-    shape: tuple
-    absmax: torch.Tensor | None = None
-    code: torch.Tensor | None = None
-    blocksize: int = 0
-    nested_absmax: torch.Tensor | None = None
-    nested_code: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-    nested_blocksize: int = 0
-
-    @classmethod
-    def of(cls, weight: torch.Tensor, quant_state=None) -> "BaseWeight":
-        """From a dense W, or from packed bytes and a QuantState-like object (duck-typed)."""
-        if quant_state is None:
-            return cls(weight, tuple(weight.shape))
-        qs = quant_state
-        nested = qs.nested_absmax is not None
-        offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=weight.device).reshape(1) if nested else None
-        return cls(weight.reshape(-1), tuple(int(d) for d in qs.shape), qs.absmax, qs.code.float(), int(qs.blocksize),
-                   qs.nested_absmax.float() if nested else None, qs.nested_code.float() if nested else None,
-                   offset, int(qs.nested_blocksize) if nested else 0)
-
-    @property
-    def quantized(self) -> bool:
-        return self.absmax is not None
-
-    @property
-    def nested(self) -> bool:
-        return self.nested_absmax is not None
-
-    def format(self) -> tuple:
-        return self.quantized, self.nested, self.blocksize, self.nested_blocksize
-
-    def dequantized(self, dtype: torch.dtype) -> "BaseWeight":
-        """Dense W in `dtype`: one launch of the standalone kernel (the in-loop tiles' numbers)."""
-        if not self.quantized:
-            return self
-        n_out, k_in = self.shape
-        kw = dict(nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset,
-                  nested_blocksize=self.nested_blocksize) if self.nested else {}
-        flat = dequantize_4bit_triton(self.weight, self.absmax, self.code, self.blocksize, n_out * k_in, dtype, **kw)
-        return BaseWeight(flat.view(n_out, k_in), self.shape)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if HAS_TRITON else {}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import autocast_dtype, resolve_backend
-from ..dequantize_4bit import dequantize_4bit_ref, restore_absmax_ref
+from ..quant_state import QuantStateLike
 from .checks import cast_floats, check_frozen, check_lora_linear_inputs
 from .dropout import check_seed, lora_dropout_mask, resolve_seed
 from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
@@ -30,17 +30,9 @@ from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
 # ----------------------------------------------------------------------------- reference
 
 
-def dequantize_base_ref(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """Dense [out, in] base weight in `dtype` from packed 4-bit bytes and a QuantState-like object."""
-    absmax = quant_state.absmax
-    if quant_state.nested_absmax is not None:
-        absmax = restore_absmax_ref(absmax, quant_state.nested_absmax, quant_state.nested_code,
-                                    quant_state.offset, quant_state.nested_blocksize)
-    n = 1
-    for d in quant_state.shape:
-        n *= d
-    flat = dequantize_4bit_ref(weight, absmax, quant_state.code.float(), quant_state.blocksize, n, dtype)
-    return flat.view(tuple(quant_state.shape))
+def dequantize_base_ref(weight: torch.Tensor, quant_state: QuantStateLike, dtype: torch.dtype) -> torch.Tensor:
+    """Dense [out, in] base weight in `dtype` from packed 4-bit bytes and a quant state (PyTorch)."""
+    return BaseWeight.of(weight, quant_state).dequantized(dtype, backend="torch").weight
 
 
 def _dx_like_autograd(dy: torch.Tensor, w: torch.Tensor, x_shape, colmajor: bool) -> torch.Tensor:

@@ -23,39 +23,26 @@ batches or longer sequences fit without full gradient checkpointing. The backwar
 peak is [M, 2I] + 2·[M, I] for one layer at a time.
 
 Activations: "silu" (SwiGLU: Llama, Mistral, Qwen2) and "gelu_tanh" (GeGLU with the tanh
-approximation: Gemma's gelu_pytorch_tanh), fp32 math, one rounding per output. The tanh form
-is written with a sigmoid, 0.5·(1 + tanh(z)) = σ(2z), so no libdevice call is needed.
+approximation: Gemma's gelu_pytorch_tanh): the GLU kernels of `../glu.py`, run on the two
+halves of the [g | u] buffer.
 Dropout: gate and up share one keep-mask over x (`projections.py`), down has its own over h (seed+1).
 
-Reading order: reference → GLU kernels → launchers → autograd Function → `lora_mlp`.
+Reading order: reference → launchers → autograd Function → `lora_mlp`.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..backend import HAS_TRITON, resolve_backend
+from ..backend import resolve_backend
+from ..glu import ACTIVATIONS, glu_backward, glu_forward, glu_ref
 from .checks import check_frozen
 from .dropout import lora_dropout_mask, resolve_seed
 from .engine import output
 from .projections import (Projection, Saved, autocast_projections, check_projection,
                           projection_ref, projections_backward, projections_forward, wants_grad)
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-ACTIVATIONS = ("silu", "gelu_tanh")
-BLOCK = 1024  # GLU elements per program (fewer for short rows). Untuned default.
-
 
 # ----------------------------------------------------------------------------- reference
-
-def glu_ref(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """HF's `act_fn(gate) * up`: silu, or gelu with the tanh approximation."""
-    a = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
-    return a * up
-
 
 def lora_mlp_ref(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, act: str = "silu",
                  dropout_p: float = 0.0, masks: tuple | None = None) -> torch.Tensor:
@@ -65,89 +52,18 @@ def lora_mlp_ref(x: torch.Tensor, gate: Projection, up: Projection, down: Projec
     return projection_ref(h, down, dropout_p, mh)
 
 
-# ----------------------------------------------------------------------------- kernels
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _gate_act(g, ACT: tl.constexpr):
-        """(act(g), act'(g)) in fp32. ACT 0: silu; 1: gelu_tanh = g·σ(2z), z = √(2/π)(g + 0.044715 g³)."""
-        if ACT == 0:
-            sig = tl.sigmoid(g)
-            a = g * sig
-            da = sig * (1.0 + g * (1.0 - sig))
-        else:
-            c = 1.5957691216057308  # 2·√(2/π)
-            sig = tl.sigmoid(c * (g + 0.044715 * g * g * g))
-            a = g * sig
-            da = sig + g * sig * (1.0 - sig) * c * (1.0 + 3.0 * 0.044715 * g * g)
-        return a, da
-
-    @triton.jit
-    def _glu_fwd_kernel(
-        gu_ptr,           # [M, 2I]: gate in columns [0, I), up in [I, 2I); unit column stride
-        h_ptr,            # [M, I] output
-        n_cols, stride_gu, stride_h,
-        ACT: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # 1. program → (row, block of columns); 1-D grid, no 65535 limit on rows
-        pid = tl.program_id(0).to(tl.int64)
-        n_blocks = tl.cdiv(n_cols, BLOCK)
-        row = pid // n_blocks
-        cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        # 2. h = act(g) · u in fp32, one rounding
-        src = gu_ptr + row * stride_gu + cols
-        g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(src + n_cols, mask=mask, other=0.0).to(tl.float32)
-        a, _ = _gate_act(g, ACT)
-        tl.store(h_ptr + row * stride_h + cols, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _glu_bwd_kernel(
-        dh_ptr,           # [M, I], unit column stride
-        gu_ptr,           # [M, 2I]: in g | u, out dg | du (in place: each element is read, then
-                          #          written, by the same program)
-        n_cols, stride_dh, stride_gu,
-        ACT: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        pid = tl.program_id(0).to(tl.int64)
-        n_blocks = tl.cdiv(n_cols, BLOCK)
-        row = pid // n_blocks
-        cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        src = gu_ptr + row * stride_gu + cols
-        dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(src + n_cols, mask=mask, other=0.0).to(tl.float32)
-        a, da = _gate_act(g, ACT)
-        tl.store(src, (dh * u * da).to(gu_ptr.dtype.element_ty), mask=mask)       # d_gate
-        tl.store(src + n_cols, (dh * a).to(gu_ptr.dtype.element_ty), mask=mask)   # d_up
-
-
 # ----------------------------------------------------------------------------- launchers
 
+def _glu_forward(gu: torch.Tensor, act: str) -> torch.Tensor:
+    """h [M, I] = act(g) · u of gu = [g | u] [M, 2I] (`glu.py`), into the engine's output buffer."""
+    n = gu.shape[1] // 2
+    return glu_forward(gu[:, :n], gu[:, n:], act, out=output((gu.shape[0], n), gu.dtype, gu.device))
 
 
-def _glu_launch(kernel, n_rows: int, n_cols: int, *args, act: str) -> None:
-    block = min(BLOCK, triton.next_power_of_2(n_cols))
-    kernel[(n_rows * triton.cdiv(n_cols, block),)](*args, ACT=ACTIVATIONS.index(act), BLOCK=block, num_warps=4)
-
-
-def glu_forward(gu: torch.Tensor, act: str) -> torch.Tensor:
-    """Triton: h [M, I] = act(gu[:, :I]) · gu[:, I:] for gu [M, 2I] (unit column stride)."""
-    m, n = gu.shape[0], gu.shape[1] // 2
-    h = output((m, n), gu.dtype, gu.device)
-    if h.numel():
-        _glu_launch(_glu_fwd_kernel, m, n, gu, h, n, gu.stride(0), h.stride(0), act=act)
-    return h
-
-
-def glu_backward_(dh: torch.Tensor, gu: torch.Tensor, act: str) -> torch.Tensor:
-    """Triton, in place: gu [M, 2I] = [g | u] becomes [d_gate | d_up] from dh [M, I]; returns gu."""
-    m, n = dh.shape
-    if dh.numel():
-        _glu_launch(_glu_bwd_kernel, m, n, dh, gu, n, dh.stride(0), gu.stride(0), act=act)
+def _glu_backward_(dh: torch.Tensor, gu: torch.Tensor, act: str) -> torch.Tensor:
+    """In place: gu = [g | u] becomes [d_gate | d_up] from dh [M, I]; returns gu."""
+    n = dh.shape[1]
+    glu_backward(dh, gu[:, :n], gu[:, n:], act, out=(gu[:, :n], gu[:, n:]))
     return gu
 
 
@@ -174,7 +90,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])                     # [M, H]
         y = output((x2d.shape[0], down.out_features), x.dtype, x.device)
         gu, saved_x = _gate_up(x2d, gate, up, dropout_p, seed, save_bits)
-        h = glu_forward(gu, act)                              # [M, I]; [g | u] freed
+        h = _glu_forward(gu, act)                              # [M, I]; [g | u] freed
         del gu
         saved_h = projections_forward(h, (down,), dropout_p, seed + 1, (y,), save_bits)
         ctx.save_for_backward(x2d, saved_x.t, saved_x.bits, saved_h.t, saved_h.bits)
@@ -191,12 +107,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)     # [M, H_out]
         # 1. recompute [g | u] (with the forward's t) and h
         gu, saved_x = _gate_up(x2d, gate, up, p, 0, False, Saved(t_x, bits_x))  # [M, 2I]
-        h = glu_forward(gu, ctx.act)                          # [M, I]
+        h = _glu_forward(gu, ctx.act)                          # [M, I]
         # 2. down: dh, and its adapter's gradients
         dh, (down_grads,) = projections_backward([dy], h, (down,), p, Saved(t_h, bits_h), True, needs[2:])
         del h
         # 3. [g | u] ← [dg | du], in place
-        dgu = glu_backward_(dh, gu, ctx.act)
+        dgu = _glu_backward_(dh, gu, ctx.act)
         del dh
         # 4. gate and up: dX in one pass, and their adapters' gradients
         n = gate.out_features

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import autocast_dtype, resolve_backend
+from ..quant_state import QuantStateLike
 from .checks import cast_floats, check_frozen, check_lora_linear_inputs
 from .dropout import lora_dropout_mask, resolve_seed
 from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
@@ -51,7 +52,7 @@ class Projection:
     bias: [out] or None.
     """
     weight: torch.Tensor
-    quant_state: object = None
+    quant_state: QuantStateLike | None = None
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
     scaling: float = 1.0

@@ -1,7 +1,8 @@
-"""SwiGLU `silu(gate) * up` against HF's LlamaMLP activation and a float64 reference.
+"""GLU `act(gate) * up` (SwiGLU, GeGLU-tanh) against HF's activations and a float64 reference.
 
-Output, d_gate and d_up; contiguous and strided (fused gate_up halves) inputs; Triton through
-the interpreter on CPU (tests/conftest.py), fp32 and fp16.
+Output, d_gate and d_up; contiguous and strided (fused gate_up halves) inputs; the in-place
+backward the LoRA MLP runs; Triton through the interpreter on CPU (tests/conftest.py), fp32
+and fp16.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from _blocks import FP32_TOL, check, leaves, rel_err
 from transformers.activations import ACT2FN
 
-from trilora.kernels.swiglu import SwiGLU, swiglu, swiglu_backward, swiglu_forward, swiglu_ref
+from trilora.kernels.glu import GLU, SwiGLU, glu, glu_backward, glu_forward, glu_ref, swiglu, swiglu_ref
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -88,11 +89,11 @@ def test_launchers_write_every_element(strided):
     gate, up, dh = (torch.randn(9, 70, generator=g) for _ in range(3))
     width = 75 if strided else 70
     bufs = [torch.full((10, width), float("nan")) for _ in range(3)]
-    h = swiglu_forward(gate, up, out=bufs[0][:9, :70])
+    h = glu_forward(gate, up, "silu", out=bufs[0][:9, :70])
     if not strided:
-        dgate, dup = swiglu_backward(dh, gate, up, out=(bufs[1][:9], bufs[2][:9]))
+        dgate, dup = glu_backward(dh, gate, up, "silu", out=(bufs[1][:9], bufs[2][:9]))
     else:
-        dgate, dup = swiglu_backward(dh, gate, up)
+        dgate, dup = glu_backward(dh, gate, up, "silu")
     for buf in bufs[: 1 if strided else 3]:
         assert torch.isfinite(buf[:9, :70]).all() and torch.isnan(buf[9]).all() and torch.isnan(buf[:, 70:]).all()
     g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
@@ -124,3 +125,37 @@ def test_gpu_bf16(shape, fused):
     ref = _run(swiglu_ref, srcs, dh, dtype=torch.float64)
     for name, o, r, h in zip(("h", "dsrc0", "dsrc1"), ours, ref, hf):
         check(o, r, h, name)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy's σ(-large) in the interpreter: 0, exact
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_extreme_values_and_the_in_place_backward(act):
+    """Gates over ±40 (σ saturates) and random ones; the backward writes d_gate, d_up over the
+    [g | u] halves it reads, as the LoRA MLP runs it."""
+    g = torch.Generator().manual_seed(3)
+    gate = torch.cat([torch.linspace(-40, 40, 161), torch.randn(159, generator=g) * 3]).view(4, 80)
+    up, dh = torch.randn(4, 80, generator=g), torch.randn(4, 80, generator=g)
+    gu = torch.cat([gate, up], 1)
+    h = glu_forward(gu[:, :80], gu[:, 80:], act)
+    glu_backward(dh, gu[:, :80], gu[:, 80:], act, out=(gu[:, :80], gu[:, 80:]))  # gu now holds [d_gate | d_up]
+    ref_in = [gate.double().requires_grad_(), up.double().requires_grad_()]
+    ref = glu_ref(*ref_in, act)
+    ref_grads = torch.autograd.grad(ref, ref_in, dh.double())
+    assert rel_err(h, ref) <= FP32_TOL
+    assert rel_err(gu[:, :80], ref_grads[0]) <= FP32_TOL and rel_err(gu[:, 80:], ref_grads[1]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_geglu_matches_hf_gelu_pytorch_tanh(dtype):
+    """glu(act="gelu_tanh") against Gemma's act_fn (gelu_pytorch_tanh) and float64, with gradients;
+    the GLU module gives the same."""
+    srcs, dh = _inputs((5, 97), dtype, seed=12)
+    hf = lambda a, b: ACT2FN["gelu_pytorch_tanh"](a) * b  # noqa: E731
+    ours = _run(lambda a, b: glu(a, b, "gelu_tanh", backend="triton"), srcs, dh)
+    for o, h, r in zip(ours, _run(hf, srcs, dh), _run(lambda a, b: glu_ref(a, b, "gelu_tanh"), srcs, dh,
+                                                      dtype=torch.float64)):
+        check(o, r, h, "geglu")
+    with torch.no_grad():
+        assert torch.equal(GLU("gelu_tanh", backend="triton")(*srcs), glu(*srcs, "gelu_tanh", backend="triton"))
+    with pytest.raises(ValueError, match="act must be one of"):
+        glu(*srcs, act="relu")

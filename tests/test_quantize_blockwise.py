@@ -1,4 +1,5 @@
-"""quantize_4bit against bitsandbytes (the byte-exact oracle), and Triton against torch."""
+"""Blockwise 4-bit quantization (`trilora.kernels.quantize_blockwise`, through quantize_4bit)
+against bitsandbytes (the byte-exact oracle), and Triton against torch."""
 import pytest
 import torch
 from _bnb import bnb_dequantize, bnb_quantize, nearest_code_ties_low
