@@ -117,3 +117,14 @@ def test_bench_rows_smoke(tmp_path):
     for r in rows:
         assert r["baseline"] == "hf_peft" and r["rank"] == 16 and r["device"].startswith("cpu-smoke")
         assert r["ours_ms"] is None and r["baseline_ms"] is None and r["saved_mem_mb"] is None
+
+
+def test_fsdp_bench_smoke(tmp_path):
+    """bench_fsdp.py --smoke: torchrun with 1 and 2 gloo processes; the rows hold each rank's
+    parameter bytes (half with 2) and no timings."""
+    rows = smoke_rows("bench_fsdp.py", tmp_path)
+    assert [r["nproc"] for r in rows] == [1, 2] and all(r["op"] == "fsdp_train_step" for r in rows)
+    assert all(r["ours_ms"] is None and r["tokens_per_s"] is None and r["peak_mem_gb"] is None for r in rows)
+    one, two = rows
+    assert one["param_gb_per_rank"] == pytest.approx(one["param_gb_total"])
+    assert two["param_gb_per_rank"] == pytest.approx(one["param_gb_total"] / 2, rel=0.02)

@@ -77,7 +77,11 @@ def test_checkpoint_layout(uninterrupted):
     assert {"python", "numpy"} <= set(state["rng"])
     assert "torch_cpu" in load_file(step / "rng.safetensors")
     opt = load_file(step / "optimizer.safetensors")
-    assert any(k.endswith(".exp_avg") for k in opt) and any(k.endswith(".exp_avg_sq") for k in opt)
+    # by parameter name, "<param>/<state>": the moments of every trainable LoRA factor
+    want = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            for k in adapter(step / "weights")}
+    assert {k.rsplit("/", 1)[0] for k in opt if k.endswith("/exp_avg")} == want
+    assert {k.rsplit("/", 1)[0] for k in opt if k.endswith("/exp_avg_sq")} == want
     assert adapter(step / "weights").keys() == adapter(uninterrupted / "adapter").keys()
     verify_checkpoint(step)
 
@@ -209,3 +213,28 @@ def test_resume_of_full_and_lora_runs(data, tmp_path, monkeypatch, method):
     else:
         want, got = adapter(tmp_path / "ref" / "adapter"), adapter(out / "adapter")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_optimizer_state_by_name_round_trip_and_the_older_index_form():
+    """Checkpoints keep the optimizer state by parameter name (any number of ranks can load
+    it); an older checkpoint's index-keyed state still reads back as it was."""
+    from trilora.trainer.checkpoint import _flatten_optimizer, _unflatten_optimizer
+    from trilora.trainer.sharding import load_named_optimizer_state, named_optimizer_state
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 3)).square().sum().backward()
+    opt.step()
+    tensors, meta = _flatten_optimizer(named_optimizer_state(model, opt))
+    assert "0.weight/exp_avg" in tensors and meta["by_name"]
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = _unflatten_optimizer(tensors, meta)
+    assert state.pop("by_name")
+    load_named_optimizer_state(model, fresh, state)
+    for p in model.parameters():
+        assert all(torch.equal(opt.state[p][k], fresh.state[p][k]) for k in opt.state[p])
+    legacy = {f"{i}.{k}": v for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+    old = _unflatten_optimizer(legacy, {"param_groups": opt.state_dict()["param_groups"], "scalars": {}})
+    assert not old.pop("by_name") and set(old["state"]) == {0, 1, 2, 3}
+    other = torch.nn.Linear(3, 4)
+    with pytest.raises(ValueError, match="other parameters than this model trains"):
+        load_named_optimizer_state(other, torch.optim.AdamW(other.parameters()), state)

@@ -31,22 +31,27 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- state <-> files
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """`sharding.named_optimizer_state`'s form as safetensors tensors ("<param name>/<key>")
+    and JSON (the scalars and the param groups)."""
     tensors, scalars = {}, {}
-    for idx, per_param in state["state"].items():
-        for name, value in per_param.items():
+    for name, per_param in state["state"].items():
+        for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars[f"{name}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "by_name": True}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    """The optimizer state of a checkpoint: by parameter name ("by_name" in meta), or the
+    index-keyed `optimizer.state_dict()` older checkpoints hold."""
+    by_name = meta.get("by_name", False)
+    state: dict = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+        owner, name = key.rsplit("/", 1) if by_name else key.split(".", 1)
+        state.setdefault(owner if by_name else int(owner), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"], "by_name": by_name}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -83,11 +88,13 @@ def _sha256(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- save / load
 
-def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer, scheduler,
+def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer_state: dict, scheduler,
                     trainer_state: dict) -> Path:
     """Write `checkpoints/step-<step>/` atomically and return its path.
 
-    `write_weights(dir)` writes the trainable weights (a PEFT adapter, or the full model).
+    `write_weights(dir)` writes the trainable weights (a PEFT adapter, or the full model);
+    `optimizer_state` is the optimizer's state by parameter name, whole tensors
+    (`sharding.named_optimizer_state`), so the checkpoint fits any number of ranks.
     """
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -96,7 +103,7 @@ def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer, sched
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_weights(tmp / "weights")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
@@ -159,15 +166,15 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointError(f"{path}: {name} is corrupt (checksum mismatch)")
 
 
-def load_checkpoint(path: Path, optimizer, scheduler) -> dict:
-    """Verify `path`, restore optimizer, scheduler and RNG states; return the trainer state.
+def load_checkpoint(path: Path, load_optimizer_state, scheduler) -> dict:
+    """Verify `path`, restore optimizer (through `load_optimizer_state(state)`, given
+    `_unflatten_optimizer`'s form), scheduler and RNG states; return the trainer state.
 
     The weights (`path / "weights"`) are the caller's to load.
     """
     verify_checkpoint(path)
     state = json.loads((Path(path) / "trainer_state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(Path(path) / "optimizer.safetensors"),
-                                                   state.pop("optimizer")))
+    load_optimizer_state(_unflatten_optimizer(load_file(Path(path) / "optimizer.safetensors"), state.pop("optimizer")))
     scheduler.load_state_dict(state.pop("scheduler"))
     set_rng_state(load_file(Path(path) / "rng.safetensors"), state.pop("rng"))
     return state

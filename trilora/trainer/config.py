@@ -91,6 +91,9 @@ class TrainConfig:
     dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     kernel_backend: str = _f("auto", "LoRA / 4-bit kernels: auto (Triton where it runs, else PyTorch), "
                                      "triton, or torch")
+    fsdp: bool = _f(False, "shard the base, the LoRA factors, their gradients and optimizer state over the "
+                           "processes torchrun starts (FSDP2; `torchrun --nproc_per_node=N -m trilora train "
+                           "... --fsdp`); without it torchrun runs DDP, a full copy per process")
     fused_blocks: str = _f("auto", "swap trilora's fused RMSNorm / attention / MLP / loss modules into "
                                    "Llama, Mistral, Qwen2 and Gemma models (trilora.patch): auto (on a GPU), "
                                    "on, or off")
@@ -160,9 +163,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    # the settings that must match for --resume to continue a run (not its length or logging)
+    # the settings that must match for --resume to continue a run (not its length or logging);
+    # grad_accum may change with the number of processes, as long as the global batch
+    # (batch_size x grad_accum x processes) stays: `loop.resume_point` checks that
     RESUME_KEYS = ("model", "method", "task", "class_weights", "data", "mix_weights", "data_format", "split", "lr",
-                   "batch_size", "grad_accum", "max_length", "packing", "r", "alpha", "dropout",
+                   "batch_size", "max_length", "packing", "r", "alpha", "dropout",
                    "target_modules", "use_rslora", "quant_type", "seed", "scheduler", "warmup_steps",
                    "template", "weight_decay", "max_grad_norm", "val_data", "test_data",
                    "replay_data", "replay", "init_adapter")

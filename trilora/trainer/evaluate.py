@@ -10,6 +10,7 @@ import torch
 from .data_batch import collate_padded
 from .data_tokenize import prompt_ids, tokenize_records
 from ..kernels.cross_entropy import IGNORE_INDEX, fused_linear_cross_entropy
+from .sharding import root_unsharded
 from .tasks import loss_sum, tokenize_classification
 
 MAX_EVAL_GENERATIONS = 200  # generation is slow: the metric uses at most this many test records
@@ -30,7 +31,8 @@ def evaluate_loss(model, batches: Iterable[dict], device, autocast_dtype=None, t
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            fused = _fused_causal_loss(model, batch, labels) if task == "generate" else None
+            with root_unsharded(model):  # under FSDP: embeddings and head whole for the direct calls
+                fused = _fused_causal_loss(model, batch, labels) if task == "generate" else None
             part, n = fused if fused is not None else loss_sum(model(**batch).logits, labels, task)
         total, tokens = total + part, tokens + n
     model.train(was_training)

@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .evaluate import NonFiniteError, evaluate_loss
 from .tasks import batch_loss, loss_units
 from .outputs import write_dir
+from .sharding import full, full_trainable, load_named_optimizer_state, named_optimizer_state
 
 
 class TrainingStopped(Exception):
@@ -75,6 +76,7 @@ class Trainer:
                  autocast_dtype: torch.dtype | None = None, data_fingerprint: str | None = None,
                  task: str = "generate", class_weights: torch.Tensor | None = None):
         self.model, self.config, self.device = model, config, device
+        self.unwrapped = getattr(model, "module", model)  # under DDP: the model it wraps (its parameter names)
         self.task, self.class_weights = task, class_weights  # see trainer.tasks
         self.train_batches, self.val_batches = train_batches, val_batches
         self.write_weights, self.read_weights = write_weights, read_weights
@@ -112,14 +114,15 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"data": self.train_batches.state_dict(), "best": self.best, "bad_evals": self.bad_evals,
                 "config": self.config.to_dict(), "total_steps": self.total_steps,
-                "data_fingerprint": self.data_fingerprint, "skipped_steps": self.skipped_steps}
+                "data_fingerprint": self.data_fingerprint, "skipped_steps": self.skipped_steps,
+                "world_size": self.world}
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in the output dir; False when there is none."""
         path = resume_point(self.out, self.config)
         if path is None:
             return False
-        state = load_checkpoint(path, self.optimizer, self.scheduler)
+        state = load_checkpoint(path, self._load_optimizer_state, self.scheduler)
         saved_data = state.get("data_fingerprint")
         if saved_data is not None and self.data_fingerprint is not None and saved_data != self.data_fingerprint:
             raise CheckpointError(f"cannot resume from {path}: the training examples differ from those the run "
@@ -129,7 +132,8 @@ class Trainer:
             # allowed (train longer or shorter), but the lr schedule's shape changes: say so
             warnings.warn(f"resuming a run planned for {state['total_steps']} steps as one of "
                           f"{self.total_steps}: the learning-rate schedule is stretched accordingly")
-        self.read_weights(path / "weights")
+        with full_trainable(self.unwrapped):  # under FSDP: read into whole tensors, then back into the shards
+            self.read_weights(path / "weights")
         self.train_batches.load_state_dict(state["data"])
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         history = self.out / "metrics.jsonl"
@@ -139,6 +143,12 @@ class Trainer:
             if self.rank == 0:
                 history.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return True
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        if saved.pop("by_name"):
+            load_named_optimizer_state(self.unwrapped, self.optimizer, saved)
+        else:  # an older checkpoint: indices in this optimizer's parameter order
+            self.optimizer.load_state_dict(saved)
 
     def validate(self) -> dict:
         return evaluate_loss(self.model, self.val_batches, self.device, self.autocast_dtype, self.task)
@@ -183,7 +193,10 @@ class Trainer:
             tokens += _input_tokens(batch)  # counted on the host copy: no device sync
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
-            ctx = model.no_sync() if not sync else contextlib.nullcontext()
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+                sync = i == len(mine) - 1
+                model.set_requires_gradient_sync(sync)
+            ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             with ctx, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                      enabled=self.autocast_dtype is not None):
                 loss = batch_loss(model, batch, self.task, self.class_weights) * weight
@@ -199,8 +212,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # the norm is computed even without clipping: a NaN/Inf gradient must not reach the weights
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                          else _total_norm(params))
+        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                               else _total_norm(params)))
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if not finite:
             self._skip_bad_step(loss_sum, grad_norm)
@@ -255,9 +268,10 @@ class Trainer:
             raise NonFiniteError(f"step {self.step}: the validation loss is {val['loss']}; stopped")
         if val["loss"] < self.best["val_loss"]:
             self.best, self.bad_evals = {"val_loss": val["loss"], "step": self.step}, 0
-            if self.rank == 0:
-                self.check_weights_finite()
-                write_dir(self.write_weights, self.out / "best")
+            with full_trainable(self.unwrapped):  # every rank: under FSDP a gather
+                if self.rank == 0:
+                    self.check_weights_finite()
+                    write_dir(self.write_weights, self.out / "best")
         else:
             self.bad_evals += 1
         if self.rank == 0:
@@ -267,11 +281,13 @@ class Trainer:
 
     def _save(self) -> Path:
         path = self.out / "checkpoints" / f"step-{self.step}"
-        if self.rank == 0:
-            self.check_weights_finite()
-            path = save_checkpoint(self.out, self.step, self.write_weights, self.optimizer, self.scheduler,
-                                   self._trainer_state())
-            prune_checkpoints(self.out, self.config.keep_checkpoints)
+        optimizer_state = named_optimizer_state(self.unwrapped, self.optimizer)  # every rank: whole tensors
+        with full_trainable(self.unwrapped):
+            if self.rank == 0:
+                self.check_weights_finite()
+                path = save_checkpoint(self.out, self.step, self.write_weights, optimizer_state, self.scheduler,
+                                       self._trainer_state())
+                prune_checkpoints(self.out, self.config.keep_checkpoints)
         if self.world > 1:
             dist.barrier()
         return path
@@ -281,7 +297,7 @@ def _total_norm(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads)  # DTensor gradients (FSDP) too
 
 
 def _input_tokens(batch: dict) -> int:
@@ -340,13 +356,22 @@ def resume_point(output_dir: Path, config: TrainConfig) -> Path | None:
         return None
     verify_checkpoint(path)
     try:
-        saved = json.loads((path / "trainer_state.json").read_text())["config"]
+        state = json.loads((path / "trainer_state.json").read_text())
+        saved = state["config"]
     except (json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{path / 'trainer_state.json'} is not a trilora trainer state: {err}") from None
     now = config.to_dict()
-    changed = [k for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]
+    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]
+    # the global batch may be split over another number of processes (a resume on more or fewer GPUs)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world, saved_accum = state.get("world_size", 1), saved.get("grad_accum", now["grad_accum"])
+    per_step = saved_accum * saved_world
+    if now["grad_accum"] * world != per_step:
+        fix = (f"--grad-accum {per_step // world}" if per_step % world == 0 else
+               f"a number of processes that divides {per_step}")
+        changed.append(f"micro-batches per step (grad_accum x processes): {saved_accum} x {saved_world} -> "
+                       f"{now['grad_accum']} x {world}, keep {per_step} with {fix}")
     if changed:
         raise CheckpointError(f"cannot resume from {path}: it was made with different settings "
-                              f"({', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}); "
-                              "use the same settings, or another --output-dir")
+                              f"({'; '.join(changed)}); use the same settings, or another --output-dir")
     return path

@@ -27,6 +27,7 @@ from .tasks import (PEFT_TASK_TYPES, class_weights, head_config, label_list, mod
 from .evaluate import (evaluate_split, format_metrics, loss_batches, pad_id,
                        primary_metric_name, task_dataset)
 from .plots import plot_confusion, plot_losses
+from .sharding import bytes_per_rank, check_can_shard, full_trainable, shard_model
 from .loading import check_model_dir, load_model, load_tokenizer
 from .loop import Trainer, resume_point
 from .outputs import RunLock, claim, write_dir, write_json
@@ -199,7 +200,9 @@ def weight_io(model, config: TrainConfig):
 
 def train(config: TrainConfig) -> dict:
     """Run the whole fine-tune; returns (and writes to <output-dir>/summary.json) the summary."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if config.fsdp:
+        check_can_shard()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.fsdp
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
@@ -261,6 +264,8 @@ def _train(config: TrainConfig, out: Path) -> dict:
                    if splits.validation else None)
 
     model = build_model(config, model_dir, device, dtype, task, head)
+    if config.fsdp:
+        shard_model(model)  # each rank keeps 1/N of every parameter from here on
     if is_main():
         from ..lora import trainable_summary
         print(trainable_summary(model) if config.method != "full" else
@@ -280,7 +285,7 @@ def _train(config: TrainConfig, out: Path) -> dict:
 
     write, read = weight_io(model, config)
     trainer_model = model
-    if dist.is_initialized():
+    if dist.is_initialized() and not config.fsdp:
         trainer_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     trainer = Trainer(trainer_model, config, train_batches, val_batches, device, write, read, autocast_dtype,
@@ -288,63 +293,84 @@ def _train(config: TrainConfig, out: Path) -> dict:
     resumed = trainer.resume() if config.resume else False
     result = trainer.train()
     if result["best"]["step"] and (out / "best").exists():
-        read(out / "best")  # the deliverable is the best validated weights, not the last
+        with full_trainable(model):
+            read(out / "best")  # the deliverable is the best validated weights, not the last
     if is_main():
         print(f"evaluating the test split ({len(splits.test)} records) after training ...", flush=True)
     after = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels, task)
 
     summary = None
-    if is_main():
-        trainer.check_weights_finite()
-        final_dir = out / ("model" if config.method == "full" else "adapter")
-        if config.method == "full":
-            def write_model(path: Path) -> None:
-                model.save_pretrained(path, safe_serialization=True)
-                tokenizer.save_pretrained(path)
-            write_dir(write_model, final_dir)
-        else:
-            write_dir(write, final_dir)
-        original = None
-        if config.method == "qlora" and config.eval_original_base:
-            original = _score_on_original_base(config, model_dir, final_dir, tokenizer, splits.test,
-                                               device, dtype, autocast_dtype, labels, task, head)
-        tokens_per_s = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
-        summary = {
-            "method": config.method, "task": task, "steps": result["steps"], "resumed": resumed,
-            "quantized_layers": getattr(model, "quantized_layers", 0),
-            "labels": classes or None,
-            "stopped_early": result["stopped_early"], "best_step": result["best"]["step"],
-            "best_val_loss": None if result["best"]["val_loss"] == float("inf") else result["best"]["val_loss"],
-            "primary_metric": metric, "higher_is_better": higher,
-            "test_before": _public(before, metric), "test_after": _public(after, metric),
-            "test_after_weights": _scored_weights(config),
-            "test_after_original_base": None if original is None else _public(original, metric),
-            "adapter_dir": str(final_dir) if config.method != "full" else None,
-            "model_dir": str(final_dir) if config.method == "full" else None,
-            "counts": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
-            "mean_tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else None,
-            "device": str(device), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "config": config.to_dict(),
-        }
-        plot_losses(trainer.history, out / "loss_curve.png")
-        if "confusion_matrix" in after:
-            plot_confusion(after["confusion_matrix"], after["labels"], out / "confusion_matrix.png")
-        write_json(out / "summary.json", summary)  # last: a summary means the run is complete
-        which = (f"step {result['best']['step']}, the best validation loss" if result["best"]["step"]
-                 else f"the last step, {result['steps']}")
-        print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
-              f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; {final_dir.name}/ holds the weights of "
-              f"{which}; written to {out}")
-        if task != "generate":
-            print(format_metrics(after))
-        if config.method == "qlora":
-            print(f"these scores are the adapter's on the {config.quant_type} base it was trained against, "
-                  "which `trilora merge` deploys by default (into the dequantized base)"
-                  + ("" if original is None else
-                     f"; on the original weights: test {metric} {original[metric]:.4f}, loss {original['loss']:.4f}"
-                     " (`trilora merge --base-weights original`)"))
+    sharded = _sharded_bytes(model) if config.fsdp else None  # every rank: a gather
+    with full_trainable(model):  # under FSDP: the adapter whole on every rank, to check and write
+        if is_main():
+            summary = _finish(config, model, trainer, result, out, tokenizer, splits, before, after, metric, higher,
+                              classes, task, head, labels, device, dtype, autocast_dtype, model_dir, resumed, write,
+                              sharded)
     if dist.is_initialized():
         dist.barrier()
+    return summary
+
+
+def _sharded_bytes(model) -> dict:
+    """{"world_size", "param_bytes_per_rank": [...], "param_bytes_total"} of a sharded model."""
+    local, total = bytes_per_rank(model)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)
+    return {"world_size": dist.get_world_size(), "param_bytes_per_rank": per_rank, "param_bytes_total": total}
+
+
+def _finish(config, model, trainer, result, out, tokenizer, splits, before, after, metric, higher, classes, task,
+            head, labels, device, dtype, autocast_dtype, model_dir, resumed, write, sharded) -> dict:
+    """Rank 0, at the end: check and write the final weights, the summary, plots and the report."""
+    trainer.check_weights_finite()
+    final_dir = out / ("model" if config.method == "full" else "adapter")
+    if config.method == "full":
+        def write_model(path: Path) -> None:
+            model.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+        write_dir(write_model, final_dir)
+    else:
+        write_dir(write, final_dir)
+    original = None
+    if config.method == "qlora" and config.eval_original_base:
+        original = _score_on_original_base(config, model_dir, final_dir, tokenizer, splits.test,
+                                           device, dtype, autocast_dtype, labels, task, head)
+    tokens_per_s = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
+    summary = {
+        "method": config.method, "task": task, "steps": result["steps"], "resumed": resumed,
+        "quantized_layers": getattr(model, "quantized_layers", 0),
+        "labels": classes or None,
+        "stopped_early": result["stopped_early"], "best_step": result["best"]["step"],
+        "best_val_loss": None if result["best"]["val_loss"] == float("inf") else result["best"]["val_loss"],
+        "primary_metric": metric, "higher_is_better": higher,
+        "test_before": _public(before, metric), "test_after": _public(after, metric),
+        "test_after_weights": _scored_weights(config),
+        "test_after_original_base": None if original is None else _public(original, metric),
+        "adapter_dir": str(final_dir) if config.method != "full" else None,
+        "model_dir": str(final_dir) if config.method == "full" else None,
+        "counts": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "mean_tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else None,
+        "device": str(device), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "fsdp": sharded,
+        "config": config.to_dict(),
+    }
+    plot_losses(trainer.history, out / "loss_curve.png")
+    if "confusion_matrix" in after:
+        plot_confusion(after["confusion_matrix"], after["labels"], out / "confusion_matrix.png")
+    write_json(out / "summary.json", summary)  # last: a summary means the run is complete
+    which = (f"step {result['best']['step']}, the best validation loss" if result["best"]["step"]
+             else f"the last step, {result['steps']}")
+    print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
+          f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; {final_dir.name}/ holds the weights of "
+          f"{which}; written to {out}")
+    if task != "generate":
+        print(format_metrics(after))
+    if config.method == "qlora":
+        print(f"these scores are the adapter's on the {config.quant_type} base it was trained against, "
+              "which `trilora merge` deploys by default (into the dequantized base)"
+              + ("" if original is None else
+                 f"; on the original weights: test {metric} {original[metric]:.4f}, loss {original['loss']:.4f}"
+                 " (`trilora merge --base-weights original`)"))
     return summary
 
 
