@@ -44,7 +44,7 @@ def worker(args) -> None:
         torch.cuda.set_device(device)
     config = model_config(args.layers, smoke)
     model, notes = build("trilora_qlora", config, device, smoke)
-    shard_model(model)
+    shard_model(model, device)
     local_bytes, total_bytes = bytes_per_rank(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(rank)

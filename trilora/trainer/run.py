@@ -116,9 +116,12 @@ def is_main() -> bool:
 
 def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str = "generate", head: dict | None = None):
     """The model to train: full (every weight), LoRA on a 16/32-bit base, or QLoRA on NF4/FP4;
-    a causal LM, or a classification / tagging model with a new head (`head`: its config)."""
+    a causal LM, or a classification / tagging model with a new head (`head`: its config).
+    With --fsdp it is built in host memory: `sharding.shard_model` moves each rank's shards
+    to `device` (a whole model on every GPU first is what sharding exists to avoid)."""
     quantize = config.quant_type if config.method == "qlora" else None
-    model = load_model(model_dir, quantize=quantize, dtype=dtype, device=device, backend=config.kernel_backend,
+    load_device = torch.device("cpu") if config.fsdp else device
+    model = load_model(model_dir, quantize=quantize, dtype=dtype, device=load_device, backend=config.kernel_backend,
                        model_class=model_class(task), head=head, seed=config.seed)
     if is_main() and getattr(model, "newly_initialised", None):
         print(f"newly initialised (seed {config.seed}), trained in full: {', '.join(model.newly_initialised)}")
@@ -265,7 +268,7 @@ def _train(config: TrainConfig, out: Path) -> dict:
 
     model = build_model(config, model_dir, device, dtype, task, head)
     if config.fsdp:
-        shard_model(model)  # each rank keeps 1/N of every parameter from here on
+        shard_model(model, device)  # each rank keeps 1/N of every parameter, on its device, from here on
     if is_main():
         from ..lora import trainable_summary
         print(trainable_summary(model) if config.method != "full" else

@@ -62,14 +62,22 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """`fully_shard` every decoder layer, then the root, over all ranks; returns the model
-    (the same object, now an FSDPModule whose parameters are DTensors)."""
+    (the same object, now an FSDPModule whose parameters are DTensors). A model built in host
+    memory moves to `device` one unit at a time (FSDP moves a unit's parameters, then keeps
+    this rank's shard); the 4-bit layers' quant states, which are no parameters, follow."""
     from torch.distributed.fsdp import fully_shard
+
+    from ..quant import Linear4bit
 
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
+    if device is not None:
+        for module in model.modules():
+            if isinstance(module, Linear4bit):
+                module.quant_state = module.quant_state.to(device)
     # FSDP picks its root at the first forward; the fused evaluation loss calls the backbone
     # before any root forward, which would make layer 0 a root: settle the root now
     model._get_fsdp_state()._lazy_init()
