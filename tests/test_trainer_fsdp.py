@@ -3,7 +3,12 @@ same global batch (QLoRA on NF4 and LoRA on fp32), each rank holds half of the p
 bytes, and a run stopped after a checkpoint resumes on 2 processes, on 1 sharded process and
 on 1 plain process to the same adapter. Errors: --fsdp outside torchrun."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from _trainer_helpers import adapter, demo_data, fast_args, max_diff, metrics, run_cli, run_module, subprocess_env
@@ -20,8 +25,8 @@ def torchrun(nproc: int, args: list, timeout: float = 600):
 
 def _args(out, data, method, **kw):
     # --lora-r: torchrun's own parser takes a bare --r for one of its options
-    return fast_args(out, data, steps=STEPS, save_every=SAVE_EVERY, eval_every=SAVE_EVERY, eval_max_new_tokens=4,
-                     method=method, **kw)
+    return fast_args(out, data, **{**dict(steps=STEPS, save_every=SAVE_EVERY, eval_every=SAVE_EVERY,
+                                          eval_max_new_tokens=4, method=method), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +92,59 @@ def test_resume_on_another_number_of_processes(runs, data, tmp_path, nproc, flag
         run_module(args)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed"] and summary["steps"] == STEPS and summary["world_size"] == nproc
+    _same_run(out, sharded)
+
+
+# Rank 0 stops dead inside the step-15 checkpoint write (weights in the temp dir, no manifest)
+# and says its pid; the test SIGKILLs it there, torchrun then takes the other rank down.
+PAUSING_RANK = """
+import os, pathlib, sys, time
+import trilora.trainer.loop as loop
+signal_file, pause_step = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+original = loop.save_checkpoint
+
+def save_checkpoint(out, step, write_weights, *args, **kwargs):
+    def write_then_hang(path):
+        write_weights(path)
+        if step == pause_step:
+            signal_file.write_text(str(os.getpid()))
+            time.sleep(600)
+    return original(out, step, write_weights if step != pause_step else write_then_hang, *args, **kwargs)
+
+loop.save_checkpoint = save_checkpoint
+from trilora.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_rank_mid_checkpoint_then_resume(runs, data, tmp_path):
+    sharded, _ = runs["qlora"]
+    out, flag, runner = tmp_path / "out", tmp_path / "paused", tmp_path / "runner.py"
+    runner.write_text(PAUSING_RANK)
+    args = _args(out, data, "qlora", grad_accum=2, fsdp=True, save_every=5)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(runner), str(flag), "15", *map(str, args)],
+                            env={**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists() or not flag.read_text():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the step-15 checkpoint"
+            time.sleep(0.1)
+        os.kill(int(flag.read_text()), signal.SIGKILL)  # rank 0, mid-write
+        proc.wait(timeout=120)  # torchrun notices and stops the other rank
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-10", "step-5"] and list(root.glob(".tmp-step-15-*"))
+    torchrun(2, _args(out, data, "qlora", grad_accum=2, fsdp=True, save_every=5, resume=True))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed"] and summary["steps"] == STEPS
     _same_run(out, sharded)
 
 
