@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from _lora_models import one_thread  # noqa: F401  (autouse fixture)
@@ -256,10 +256,19 @@ def test_unsupported_or_inconsistent_config_is_refused(llama_adapter, changes, m
     _assert_untouched(model, snap)
 
 
-def test_peft_dora_adapter_is_refused(tmp_path):
+def test_broken_dora_adapters_are_refused(tmp_path):
+    """DoRA adapters load (tests/test_lora_dora.py); one without its magnitudes, or magnitudes
+    under a config without use_dora, is refused naming the problem."""
     peft_model = get_peft_model(tiny("llama"), PeftLoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     peft_model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="DoRA"):
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    save_file({k: v for k, v in tensors.items() if "magnitude" not in k}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="DoRA adapter lacks the magnitude of"):
+        load_adapter(tiny("llama"), tmp_path)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    with pytest.raises(ValueError, match="is a DoRA magnitude but the config says use_dora=false"):
         load_adapter(tiny("llama"), tmp_path)
 
 

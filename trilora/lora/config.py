@@ -51,6 +51,8 @@ class LoraConfig:
         init_lora_weights: True = PEFT's default (A ~ kaiming_uniform(a=√5), B = 0), "gaussian"
             (A ~ N(0, 1/r²), B = 0), False = both random like nn.Linear (not a no-op at start).
         base_model_name_or_path: written to the adapter config; filled from the model if None.
+        use_dora: DoRA (weight-decomposed LoRA): a trained magnitude per output row rescales
+            W + s·BA to m ⊙ (W + s·BA) / ‖W + s·BA‖_row, as PEFT's `use_dora=True`.
     """
 
     r: int = 8
@@ -64,6 +66,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -137,7 +140,7 @@ class LoraConfig:
             "exclude_modules": None,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": self.fan_in_fan_out,
             "init_lora_weights": self.init_lora_weights,
@@ -163,7 +166,7 @@ class LoraConfig:
         unsupported = {k: v for k, v in data.items()
                        if k not in _IMPLEMENTED and k not in _IGNORED and v not in (None, False, {}, [], "")}
         if unsupported:
-            hints = {"use_dora": "DoRA", "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
+            hints = {"rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
                      "layers_to_transform": "layer selection", "exclude_modules": "exclude_modules",
                      "lora_bias": "LoRA bias on lora_B", "trainable_token_indices": "trainable tokens"}
             what = ", ".join(f"{k}={v!r}" + (f" ({hints[k]})" if k in hints else "") for k, v in unsupported.items())
@@ -183,7 +186,8 @@ class LoraConfig:
                    use_rslora=bool(data.get("use_rslora", False)), task_type=data.get("task_type"),
                    modules_to_save=data.get("modules_to_save"),
                    fan_in_fan_out=bool(data.get("fan_in_fan_out", False)), init_lora_weights=init,
-                   base_model_name_or_path=data.get("base_model_name_or_path"))
+                   base_model_name_or_path=data.get("base_model_name_or_path"),
+                   use_dora=bool(data.get("use_dora", False)))
 
 
 # PEFT initialisations that set A/B only (pissa, olora, corda, loftq, lora_ga, mica also rewrite
@@ -191,7 +195,7 @@ class LoraConfig:
 _DELTA_ONLY_INITS = ("eva", "orthogonal")
 _IMPLEMENTED = {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
                 "task_type", "modules_to_save", "fan_in_fan_out", "init_lora_weights",
-                "base_model_name_or_path"}
+                "base_model_name_or_path", "use_dora"}
 # Metadata, and options that only shape initialisation or training (not the function the
 # saved weights compute), so a non-default value does not change what we load.
 _IGNORED = {"revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",

@@ -219,19 +219,20 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, *, backend: str
             p.requires_grad_(False)
     active = active_adapter(model) or adapter_name
     settings = (config.r, config.alpha, config.dropout, config.use_rslora, config.init_lora_weights)
+    dora = {"use_dora": config.use_dora}
     disabled = any(m.disabled for _, m in lora_layers(model))  # called inside disable_adapter()
     conv1d = False
     for name in targets:
         layer = model.get_submodule(name)
         if isinstance(layer, LoraLinear):
-            layer.add_adapter(adapter_name, *settings)
+            layer.add_adapter(adapter_name, *settings, **dora)
         else:
-            layer = LoraLinear(layer, *settings, backend=backend, adapter_name=adapter_name)
+            layer = LoraLinear(layer, *settings, backend=backend, adapter_name=adapter_name, **dora)
             layer.active_adapter, layer.disabled = active, disabled
             replace_module(model, name, layer)
         if existing:  # PEFT: an added adapter stays frozen until set_adapter picks it
-            layer.lora_A[adapter_name].requires_grad_(False)
-            layer.lora_B[adapter_name].requires_grad_(False)
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
         conv1d |= layer.fan_in_fan_out
     for name in save:
         replace_module(model, name, TrainableCopy(model.get_submodule(name)))

@@ -15,6 +15,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from trilora import kernels
+from trilora.kernels.lora.dora import dora_weight_norm
 from trilora.quant import Linear4bit
 
 def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
@@ -38,6 +39,7 @@ class AdapterSettings:
     alpha: float
     dropout: float
     use_rslora: bool
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -65,6 +67,14 @@ def _refuse_peft(value) -> None:
                          "train trilora's adapter, or start from a fresh base model for PEFT")
 
 
+class Magnitude(nn.Module):
+    """A DoRA adapter's magnitude vector m [out] (PEFT's `lora_magnitude_vector.<name>.weight`)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
 class LoraLinear(nn.Module):
     """`y = base(x) + scaling · lora_B(lora_A(dropout(x)))` around a frozen base layer.
 
@@ -88,7 +98,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, backend: str = "auto",
-                 adapter_dtype: torch.dtype = torch.float32, adapter_name: str = "default"):
+                 adapter_dtype: torch.dtype = torch.float32, adapter_name: str = "default", use_dora: bool = False):
         super().__init__()
         dims = linear_dims(base_layer)
         if dims is None or isinstance(base_layer, LoraLinear):
@@ -99,19 +109,23 @@ class LoraLinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.lora_A, self.lora_B = _AdapterDict(), _AdapterDict()
+        self.lora_magnitude_vector = _AdapterDict()  # DoRA adapters' m
         self.settings: dict[str, AdapterSettings] = {}
         self.active_adapter = adapter_name
         self.disabled = False  # True: the base layer alone (PEFT's disable_adapter)
         self.backend = backend
         self.merged = False  # True while the active adapter is folded into a dense base weight
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype, use_dora)
         self.train(base_layer.training)  # an adapter injected into an eval-mode model must not drop out
 
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    init_lora_weights: bool | str = True, adapter_dtype: torch.dtype = torch.float32) -> None:
-        """Add adapter `name` (trainable; `set_active` decides which adapters train)."""
+                    init_lora_weights: bool | str = True, adapter_dtype: torch.dtype = torch.float32,
+                    use_dora: bool = False) -> None:
+        """Add adapter `name` (trainable; `set_active` decides which adapters train). A DoRA
+        adapter's magnitude starts as ‖W + s·BA‖ per row (fp32), so the layer starts as the
+        LoRA layer would (PEFT's initialisation)."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -125,13 +139,19 @@ class LoraLinear(nn.Module):
         device = self.base_layer.weight.device
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
-        self.settings[name] = AdapterSettings(r, alpha, float(dropout), use_rslora)
+        self.settings[name] = AdapterSettings(r, alpha, float(dropout), use_rslora, bool(use_dora))
         self.reset_lora_parameters(init_lora_weights, name)
+        if use_dora:
+            A, B = self.adapter_weights(name)
+            norm = dora_weight_norm(self._dense_weight(torch.float32), A.float(), B.float(), self.settings[name].scaling)
+            self.lora_magnitude_vector[name] = Magnitude(norm.to(adapter_dtype))
 
     def delete_adapter(self, name: str) -> None:
         if name == self.active_adapter and self.merged:
             raise ValueError(f"adapter {name!r} is merged into the base weight: unmerge it first")
         del self.lora_A[name], self.lora_B[name], self.settings[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
 
     def set_active(self, name: str, trainable: bool = True) -> None:
         """Make `name` the adapter the forward runs (this layer need not hold it); its weights
@@ -141,8 +161,15 @@ class LoraLinear(nn.Module):
                              f"switching to {name!r}")
         self.active_adapter = name
         for key in self.lora_A:
-            for p in (*self.lora_A[key].parameters(), *self.lora_B[key].parameters()):
+            for p in self.adapter_parameters(key):
                 p.requires_grad_(trainable and key == name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name`: A, B (and a DoRA adapter's magnitude)."""
+        params = [*self.lora_A[name].parameters(), *self.lora_B[name].parameters()]
+        if name in self.lora_magnitude_vector:
+            params += list(self.lora_magnitude_vector[name].parameters())
+        return params
 
     @property
     def adapter_names(self) -> list[str]:
@@ -162,6 +189,7 @@ class LoraLinear(nn.Module):
                                  f"{self.adapter_names})") from None
 
     r = property(lambda self: self._active_settings().r)
+    use_dora = property(lambda self: self._active_settings().use_dora)
     alpha = property(lambda self: self._active_settings().alpha)
     use_rslora = property(lambda self: self._active_settings().use_rslora)
     scaling = property(lambda self: self._active_settings().scaling)
@@ -201,7 +229,7 @@ class LoraLinear(nn.Module):
         # PEFT's get_peft_model on a trilora model ("all-linear") would nest its own LoRA
         # inside this layer: two adapter systems training at once. Refuse it here, where PEFT
         # swaps the module in, before anything is replaced.
-        if name in ("base_layer", "lora_A", "lora_B"):
+        if name in ("base_layer", "lora_A", "lora_B", "lora_magnitude_vector"):
             _refuse_peft(value)
         super().__setattr__(name, value)
 
@@ -211,6 +239,32 @@ class LoraLinear(nn.Module):
         name = self.active_adapter if name is None else name
         A, B = self.adapter_weights(name)
         return (B.float() @ A.float()) * self.settings[name].scaling
+
+    def merged_weight(self, weight: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """The dense weight the adapter folds into, fp32 [out, in], from the base's fp32
+        `weight` [out, in]: W + s·BA, or for DoRA m ⊙ (W + s·BA) / ‖W + s·BA‖_row (PEFT's merge)."""
+        name = self.active_adapter if name is None else name
+        merged = weight + self.delta_weight(name).to(weight.device)
+        if not self.settings[name].use_dora:
+            return merged
+        m = self.lora_magnitude_vector[name].weight.detach().float().to(weight.device)
+        self._dora_merge_scale = m / torch.linalg.norm(merged, dim=1)  # what unmerged_weight divides out
+        return self._dora_merge_scale[:, None] * merged
+
+    def unmerged_weight(self, merged: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """The base's fp32 weight back from `merged_weight`'s result (DoRA: from the rescale
+        remembered when it was merged)."""
+        name = self.active_adapter if name is None else name
+        if self.settings[name].use_dora:
+            merged = merged / self._dora_merge_scale.to(merged.device)[:, None]
+        return merged - self.delta_weight(name).to(merged.device)
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight [out, in] in `dtype` (a 4-bit one dequantized; Conv1D's transposed)."""
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            return base.dequantize(dtype)
+        return (base.weight.t() if self.fan_in_fan_out else base.weight).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in x's dtype."""
@@ -228,13 +282,19 @@ class LoraLinear(nn.Module):
             quant_state = None
         bias = None if base.bias is None else base.bias.to(dtype)
         A, B = self.adapter_weights()
-        y = kernels.lora_linear(x.to(dtype), weight, A.to(dtype), B.to(dtype), self.scaling, bias,
-                                self.dropout if self.training else 0.0, quant_state, backend=self.backend)
+        p = self.dropout if self.training else 0.0
+        if self.use_dora:
+            m = self.lora_magnitude_vector[self.active_adapter].weight
+            y = kernels.dora_linear(x.to(dtype), weight, A.to(dtype), B.to(dtype), self.scaling, m, bias, p,
+                                    quant_state, backend=self.backend)
+        else:
+            y = kernels.lora_linear(x.to(dtype), weight, A.to(dtype), B.to(dtype), self.scaling, bias, p,
+                                    quant_state, backend=self.backend)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={s.r}, alpha={s.alpha}, scaling={s.scaling:.4g}, dropout={s.dropout}"
-                             for n, s in self.settings.items())
+                             + (", dora" if s.use_dora else "") for n, s in self.settings.items())
         return (f"{{{adapters}}}, active={self.active_adapter!r}, fan_in_fan_out={self.fan_in_fan_out}, "
                 f"backend={self.backend!r}, merged={self.merged}")
 
@@ -272,4 +332,4 @@ class TrainableCopy(nn.Module):
             return getattr(modules["trained"], name)
 
 
-__all__ = ["AdapterSettings", "LoraLinear", "TrainableCopy", "linear_dims"]
+__all__ = ["AdapterSettings", "LoraLinear", "Magnitude", "TrainableCopy", "linear_dims"]

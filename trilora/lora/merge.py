@@ -1,6 +1,7 @@
 """Fold adapters into the base weights: `merge_lora`, `unmerge_lora`, `save_merged`.
 
-W' = W + scaling · B A is computed in fp32 and rounded once to the base weight's dtype. A
+W' = W + scaling · B A (DoRA: m ⊙ (W + s·BA) / ‖W + s·BA‖_row, as PEFT merges it) is computed
+in fp32 and rounded once to the base weight's dtype. A
 4-bit base is dequantized to the dtype it was quantized from (`quant_state.dtype`), so the
 merged layer is dense; `requantize=True` quantizes W' again with the same settings, which
 adds a fresh quantization error on top of the trained weights: opt-in only.
@@ -22,20 +23,20 @@ from .layer import LoraLinear, TrainableCopy
 
 @torch.no_grad()
 def _fold(layer: LoraLinear, sign: float) -> None:
-    """base W ± scaling · B A, in place (dense base only)."""
-    delta = layer.delta_weight()                      # [out, in] fp32
-    if layer.fan_in_fan_out:
-        delta = delta.t()                             # Conv1D stores [in, out]
+    """The active adapter folded into (+1) or taken out of (−1) the dense base weight, in place."""
     w = layer.base_layer.weight
-    w.copy_((w.float() + sign * delta.to(w.device)).to(w.dtype))
+    dense = w.float().t() if layer.fan_in_fan_out else w.float()   # [out, in] (Conv1D stores [in, out])
+    new = layer.merged_weight(dense) if sign > 0 else layer.unmerged_weight(dense)
+    w.copy_((new.t() if layer.fan_in_fan_out else new).to(w.dtype))
 
 
-def _dense_from_4bit(base: Linear4bit, delta: torch.Tensor | None, backend: str) -> nn.Linear:
-    """nn.Linear in the quant state's dtype holding dequant(W) (+ delta), the bias reused."""
+def _dense_from_4bit(base: Linear4bit, layer: LoraLinear | None, backend: str) -> nn.Linear:
+    """nn.Linear in the quant state's dtype holding dequant(W), with `layer`'s active adapter
+    folded in when given; the bias reused."""
     dtype = base.quant_state.dtype
     weight = dequantize_4bit(base.weight, base.quant_state, torch.float32, backend=backend)
-    if delta is not None:
-        weight = weight + delta.to(weight.device)
+    if layer is not None:
+        weight = layer.merged_weight(weight)
     dense = nn.Linear(base.in_features, base.out_features, bias=False, device=weight.device, dtype=dtype)
     dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     dense.bias = base.bias  # same Parameter (and requires_grad) as before
@@ -67,7 +68,7 @@ def merge_lora(model: nn.Module, requantize: bool = False, unload: bool = True) 
         base = layer.base_layer
         holds_active = layer.active_adapter in layer.lora_A  # else the active adapter skips this layer
         if isinstance(base, Linear4bit):
-            new = _dense_from_4bit(base, layer.delta_weight() if holds_active else None, layer.backend)
+            new = _dense_from_4bit(base, layer if holds_active else None, layer.backend)
             if requantize:
                 new = Linear4bit.from_linear(new, base.quant_type, base.blocksize, base.double_quant,
                                              base.compute_dtype, backend=layer.backend)

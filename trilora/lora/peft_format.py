@@ -4,6 +4,7 @@
     <dir>/adapter_model.safetensors  metadata {"format": "pt"[, "trilora.base_quantization": JSON]};
                                      keys (prefix base_model.model.):
         <module>.lora_A.weight [r, in], <module>.lora_B.weight [out, r]   (fp32, as trained)
+        <module>.lora_magnitude_vector [out]                              (DoRA adapters)
         <module>.base_layer.bias, <other>.bias                            (bias "all"/"lora_only")
         <saved module>.<param>                                            (modules_to_save)
 
@@ -55,6 +56,8 @@ def _adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[
         if name_of not in layer.lora_A:
             continue
         out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = layer.adapter_weights(name_of)
+        if name_of in layer.lora_magnitude_vector:  # DoRA: PEFT's key has no ".weight"
+            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name_of].weight
         if config.bias == "lora_only" and layer.base_layer.bias is not None:
             out[f"{name}.base_layer.bias"] = layer.base_layer.bias
     copies = [(n, m) for n, m in model.named_modules() if isinstance(m, TrainableCopy)]
@@ -192,6 +195,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
     targets, save = resolve_targets(model, config, strict=False)
     lora: dict[str, dict[str, torch.Tensor]] = {}
     plan: dict[str, str] = {}
+    magnitudes: set[str] = set()
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, tensor in tensors.items():
         for part in ("lora_A", "lora_B"):
@@ -200,8 +204,19 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
                 plan[key] = key
                 break
         else:
-            if "lora_magnitude_vector" in key:
-                raise ValueError(f"adapter key {key!r} belongs to DoRA, which trilora does not implement")
+            if key.endswith(".lora_magnitude_vector"):
+                name = key[: -len(".lora_magnitude_vector")]
+                if not config.use_dora:
+                    raise ValueError(f"adapter key {key!r} is a DoRA magnitude but the config says use_dora=false")
+                if name not in targets:
+                    raise ValueError(f"adapter has a DoRA magnitude for {name!r}, which the config does not target")
+                n_out = linear_dims(model.get_submodule(name))[1]
+                if tuple(tensor.shape) != (n_out,):
+                    raise ValueError(f"{name}: DoRA magnitude {list(tensor.shape)}, this model needs [{n_out}]: "
+                                     "an adapter for another base model?")
+                magnitudes.add(name)
+                plan[key] = key
+                continue
             owner = next((n for n in save if key.startswith(n + ".")), None)
             if owner is not None:
                 rest = key[len(owner) + 1:]
@@ -238,6 +253,8 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
     for name in save:
         if not any(k.startswith(name + ".") for k in tensors):
             raise ValueError(f"adapter lacks the weights of modules_to_save module {name!r}")
+    if config.use_dora and magnitudes != set(targets):
+        raise ValueError(f"DoRA adapter lacks the magnitude of {sorted(set(targets) - magnitudes)[:4]}")
     return plan
 
 
@@ -270,7 +287,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "a
     if not is_trainable:
         frozen = model.parameters() if not existing else (
             p for _, layer in lora_layers(model) if adapter_name in layer.lora_A
-            for p in layer.adapter_weights(adapter_name))
+            for p in layer.adapter_parameters(adapter_name))
         for p in frozen:
             p.requires_grad_(False)
     return model
@@ -281,6 +298,8 @@ def _live_key(key: str, adapter_name: str) -> str:
     for part in (".lora_A.weight", ".lora_B.weight"):
         if key.endswith(part):
             return key[: -len(".weight")] + f".{adapter_name}.weight"
+    if key.endswith(".lora_magnitude_vector"):
+        return f"{key}.{adapter_name}.weight"
     return key
 
 
@@ -296,9 +315,10 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike, adapter_name
     config, tensors = read_adapter(path)
     live = _adapter_tensors(model, adapter_name)
     own = get_lora_config(model, adapter_name)
-    if config.r != own.r or config.bias != own.bias:
-        raise ValueError(f"adapter at {os.fspath(path)!r} has r={config.r}, bias={config.bias!r}; the model's "
-                         f"adapter has r={own.r}, bias={own.bias!r}")
+    if (config.r, config.bias, config.use_dora) != (own.r, own.bias, own.use_dora):
+        raise ValueError(f"adapter at {os.fspath(path)!r} has r={config.r}, bias={config.bias!r}, "
+                         f"use_dora={config.use_dora}; the model's adapter has r={own.r}, bias={own.bias!r}, "
+                         f"use_dora={own.use_dora}")
     # PEFT's bias="all" files also carry its modules_to_save wrapper internals: same values, skip
     internals = tuple(f"{n}.{part}." for n, m in model.named_modules() if isinstance(m, TrainableCopy)
                       for part in ("original_module", "modules_to_save"))

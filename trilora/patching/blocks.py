@@ -36,6 +36,8 @@ def unsupported_projection(module: nn.Module) -> str | None:
     if isinstance(module, LoraLinear):
         if module.fan_in_fan_out:
             return "LoRA over a Conv1D base"
+        if any(s.use_dora for s in module.settings.values()):
+            return "a DoRA adapter (the fused blocks run plain LoRA)"
         base = module.base_layer
     else:
         base = module

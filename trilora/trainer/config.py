@@ -70,6 +70,8 @@ class TrainConfig:
     dropout: float = _f(0.05, "LoRA dropout")
     target_modules: list[str] = _f(("all-linear",), "module names or regexes to adapt", nargs="+")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
+    dora: bool = _f(False, "DoRA: LoRA plus a trained magnitude per output row (PEFT's use_dora; "
+                           "the PyTorch reference path for now, no fused kernel yet)")
     quant_type: str = _f("nf4", "4-bit type of the qlora base: nf4 or fp4")
     init_adapter: str | None = _f(None, "start from this PEFT adapter (e.g. an earlier stage's) instead of "
                                         "fresh LoRA weights; its r, alpha and targets are used")
@@ -168,7 +170,7 @@ class TrainConfig:
     # (batch_size x grad_accum x processes) stays: `loop.resume_point` checks that
     RESUME_KEYS = ("model", "method", "task", "class_weights", "data", "mix_weights", "data_format", "split", "lr",
                    "batch_size", "max_length", "packing", "r", "alpha", "dropout",
-                   "target_modules", "use_rslora", "quant_type", "seed", "scheduler", "warmup_steps",
+                   "target_modules", "use_rslora", "dora", "quant_type", "seed", "scheduler", "warmup_steps",
                    "template", "weight_decay", "max_grad_norm", "val_data", "test_data",
                    "replay_data", "replay", "init_adapter")
 

@@ -145,6 +145,7 @@ def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str =
                       if n.split(".")[0] not in SEQ_CLS_HEADS})
         lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
                           target_modules=_targets(config.target_modules), use_rslora=config.use_rslora,
+                          use_dora=config.dora,
                           base_model_name_or_path=str(model_dir), task_type=PEFT_TASK_TYPES[task],
                           modules_to_save=new or None)
         _check_rank(model, lora)

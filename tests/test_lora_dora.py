@@ -1,0 +1,185 @@
+"""DoRA (`LoraConfig(use_dora=True)`) against PEFT's DoRA layer on the same models: outputs and
+gradients (A, B and the magnitude), adapters both ways in PEFT's file format (Llama, Qwen2
+with q/k/v biases, GPT-2 Conv1D), merge, a 4-bit base, dropout, and the op against a float64
+ground truth."""
+import peft
+import pytest
+import torch
+from _lora_models import one_thread  # noqa: F401  (autouse fixture)
+from _lora_models import dequantized_twin, input_ids, logits, max_diff, randomize_lora, tiny, twin
+
+from trilora.kernels import dora_linear, dora_linear_ref
+from trilora.lora import LoraConfig, LoraLinear, add_lora, load_adapter, merge_lora, save_adapter
+from trilora.quant import quantize_model
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+def _pair(arch: str, seed: int = 3):
+    """(trilora DoRA model, PEFT DoRA model) on one base with equal random A, B and magnitude."""
+    base = tiny(arch)
+    ours = add_lora(twin(base), LoraConfig(r=4, alpha=8, target_modules=TARGETS[arch], use_dora=True),
+                    backend="torch")
+    theirs = peft.get_peft_model(twin(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch],
+                                                             use_dora=True))
+    # PEFT initialises the magnitude as ‖W‖ per row too: equal before anything is randomised
+    mine = dict(ours.named_parameters())
+    mags = [(n, p) for n, p in theirs.named_parameters() if "lora_magnitude_vector" in n]
+    assert mags and all(max_diff(mine[n.removeprefix("base_model.model.")], p) < 1e-6 for n, p in mags)
+    randomize_lora(ours, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g))  # m ≠ ‖W + s·BA‖: the rescale matters
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(mine[n.removeprefix("base_model.model.")])
+    return ours, theirs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_outputs_and_gradients_match_peft(arch):
+    ours, theirs = _pair(arch)
+    ids = input_ids()
+    a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert max_diff(a, b) < 1e-5 and max_diff(a, logits(tiny(arch))) > 1e-2
+    a.square().mean().backward()
+    b.square().mean().backward()
+    mine = dict(ours.named_parameters())
+    compared = 0
+    for n, p in theirs.named_parameters():
+        if p.grad is not None:
+            ref = p.grad.abs().max().item()
+            assert max_diff(mine[n.removeprefix("base_model.model.")].grad, p.grad) <= 1e-5 * max(1.0, ref), n
+            compared += "lora_magnitude_vector" in n
+    assert compared == len(TARGETS[arch]) * 2  # every magnitude got its gradient (2 layers)
+
+
+def test_dropout_matches_peft_formula():
+    """With dropout PEFT rescales the base term of the dropped input too; the same masks on
+    both sides (torch's RNG from one seed, drawn in the same order) give the same output."""
+    ours, theirs = _pair("llama")
+    for mod in ours.modules():
+        if isinstance(mod, LoraLinear):
+            mod.dropout = 0.3
+    for mod in theirs.modules():
+        if hasattr(mod, "lora_dropout") and "default" in mod.lora_dropout:
+            mod.lora_dropout["default"] = torch.nn.Dropout(0.3)
+    ours.train()
+    theirs.train()
+    ids = input_ids()
+    torch.manual_seed(11)
+    a = ours(input_ids=ids).logits
+    torch.manual_seed(11)
+    b = theirs(input_ids=ids).logits
+    assert max_diff(a, b) < 1e-5
+    ours.eval()
+    assert max_diff(ours(input_ids=ids).logits, a) > 1e-3  # the masks did something
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_adapter_files_both_ways(arch, tmp_path):
+    ours, theirs = _pair(arch)
+    save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny(arch), tmp_path / "ours")
+    assert max_diff(logits(loaded), logits(ours)) < 1e-5
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load_adapter(tiny(arch), tmp_path / "theirs", backend="torch")
+    assert max_diff(logits(back), logits(theirs)) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_matches_peft(arch):
+    ours, theirs = _pair(arch)
+    want = logits(ours)
+    merged, peft_merged = merge_lora(ours), theirs.merge_and_unload()
+    assert max_diff(logits(merged), want) < 1e-5 and max_diff(logits(peft_merged), want) < 1e-5
+    theirs_params = dict(peft_merged.named_parameters())
+    assert all(max_diff(p, theirs_params[n]) < 1e-5 for n, p in merged.named_parameters())
+
+
+def test_merge_unmerge_keeps_the_adapter():
+    ours, _ = _pair("llama")
+    want = logits(ours)
+    merge_lora(ours, unload=False)
+    assert max_diff(logits(ours), want) < 1e-5
+    from trilora.lora import unmerge_lora
+    unmerge_lora(ours)
+    assert max_diff(logits(ours), want) < 1e-5
+    assert all(not layer.merged for layer in ours.modules() if isinstance(layer, LoraLinear))
+
+
+def test_4bit_base_is_peft_on_the_dequantized_weights(tmp_path):
+    """A DoRA adapter over NF4 computes what PEFT's DoRA computes over the dequantized weights."""
+    model = quantize_model(tiny("llama"), backend="torch")
+    dense = dequantized_twin(model, "llama")
+    model = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=TARGETS["llama"], use_dora=True),
+                     backend="torch")
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "ad")
+    peft_model = peft.PeftModel.from_pretrained(dense, tmp_path / "ad")
+    assert max_diff(logits(model), logits(peft_model)) < 1e-4
+
+
+def test_op_against_float64_and_its_checks():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 24, generator=g), torch.randn(18, 24, generator=g)
+    A, B = torch.randn(5, 24, generator=g) * 0.3, torch.randn(18, 5, generator=g) * 0.3
+    m, bias = torch.rand(18, generator=g) + 0.5, torch.randn(18, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    y = dora_linear(leaves[0], w, leaves[1], leaves[2], 1.5, leaves[3], bias, backend="torch")
+    x64, A64, B64, m64 = (t.double().requires_grad_() for t in (x, A, B, m))
+    W = w.double() + 1.5 * B64 @ A64
+    n = torch.linalg.norm(W, dim=1).detach()
+    ref = (m64 / n) * (x64 @ W.t()) + bias.double()
+    assert max_diff(y, ref) < 1e-5
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (y * dy.float()).sum().backward()
+    (ref * dy).sum().backward()
+    for ours, want in zip(leaves, (x64, A64, B64, m64)):
+        assert max_diff(ours.grad, want.grad) < 1e-4 * max(1.0, want.grad.abs().max().item())
+    assert torch.equal(dora_linear_ref(x, w, A, B, 1.5, m, bias), dora_linear(x, w, A, B, 1.5, m, bias, backend="torch"))
+    with pytest.raises(NotImplementedError, match="no fused Triton kernel yet"):
+        dora_linear(x, w, A, B, 1.5, m, backend="triton")
+    with pytest.raises(ValueError, match=r"magnitude must be a float tensor of shape \(18,\)"):
+        dora_linear(x, w, A, B, 1.5, m[:5], backend="torch")
+
+
+def test_trainer_flag_trains_a_dora_adapter_peft_loads(tmp_path):
+    from _trainer_helpers import DEMO_MODEL, demo_data, fast_args, run_cli
+    from transformers import AutoModelForCausalLM
+    data = demo_data(tmp_path, n=120)
+    code, _, err = run_cli(fast_args(tmp_path / "run", data, steps=4, dora=True, method="lora"))
+    assert code == 0, err[-2000:]
+    cfg = (tmp_path / "run" / "adapter" / "adapter_config.json").read_text()
+    assert '"use_dora": true' in cfg
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_MODEL), tmp_path / "run" / "adapter")
+    assert any("lora_magnitude_vector" in n for n, _ in loaded.named_parameters())
+
+
+def test_patch_leaves_dora_projections_to_their_layers():
+    """trilora.patch's fused blocks run plain LoRA: blocks with DoRA projections are skipped and
+    reported, and the model computes what it computed before."""
+    from trilora.patching import patch
+    ours, _ = _pair("llama")
+    want = logits(ours)
+    report = patch(ours, backend="torch", warn=False)
+    assert "DoRA" in str(report)
+    assert max_diff(logits(ours), want) < 1e-5
+
+
+def test_dora_learns_at_least_as_well_as_lora(tmp_path):
+    """The demo task, same rank, steps and learning rate: DoRA's held-out loss is no worse than
+    LoRA's (measured here: 0.35 against 0.45)."""
+    import json
+
+    from _trainer_helpers import demo_data, fast_args, run_cli
+    data = demo_data(tmp_path, n=200)
+    loss = {}
+    for dora in (None, True):
+        out = tmp_path / ("dora" if dora else "lora")
+        code, _, err = run_cli(fast_args(out, data, steps=40, method="lora", dora=dora, lr=1e-2))
+        assert code == 0, err[-2000:]
+        loss[bool(dora)] = json.loads((out / "summary.json").read_text())["test_after"]["loss"]
+    assert loss[True] <= loss[False] * 1.05, loss
