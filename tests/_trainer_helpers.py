@@ -114,3 +114,27 @@ def logits_of(model, ids: torch.Tensor | None = None) -> torch.Tensor:
         ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+# Runs `trilora` but stops dead inside the step-`pause_step` checkpoint write, after the
+# weights went into the temp dir and before the manifest, and writes its pid to a file: the
+# test then SIGKILLs it there. A real kill lands anywhere; this one lands at the worst place,
+# deterministically. Usage: python runner.py <pid file> <pause step> <trilora args...>
+# (under torchrun only rank 0 writes checkpoints, so only it pauses).
+PAUSING_RUNNER = """
+import os, pathlib, sys, time
+import trilora.trainer.loop as loop
+signal_file, pause_step = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+original = loop.save_checkpoint
+
+def save_checkpoint(out, step, write_weights, *args, **kwargs):
+    def write_then_hang(path):
+        write_weights(path)
+        signal_file.write_text(str(os.getpid()))
+        time.sleep(600)
+    return original(out, step, write_then_hang if step == pause_step else write_weights, *args, **kwargs)
+
+loop.save_checkpoint = save_checkpoint
+from trilora.cli import main
+sys.exit(main(sys.argv[3:]))
+"""

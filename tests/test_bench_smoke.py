@@ -73,7 +73,8 @@ def test_bench_smoke(tmp_path):
         assert ROW_KEYS <= set(r) and r["ours_ms"] is None and r["ratio"] is None  # never a CPU speed
     assert {(r["op"], r["baseline"]) for r in rows} == {
         ("lora_linear", "dense_bf16"), ("lora_linear", "torch_lora_bf16"),
-        ("qlora_linear", "dense_bf16"), ("qlora_linear", "dequant_cublas"), ("qlora_linear", "peft_bnb")}
+        ("qlora_linear", "dense_bf16"), ("qlora_linear", "dequant_cublas"), ("qlora_linear", "peft_bnb"),
+        ("dora_linear", "qlora_linear"), ("dora_linear", "torch_dora_ref"), ("dora_linear", "peft_bnb_dora")}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
 
 

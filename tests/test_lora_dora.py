@@ -140,10 +140,39 @@ def test_op_against_float64_and_its_checks():
     for ours, want in zip(leaves, (x64, A64, B64, m64)):
         assert max_diff(ours.grad, want.grad) < 1e-4 * max(1.0, want.grad.abs().max().item())
     assert torch.equal(dora_linear_ref(x, w, A, B, 1.5, m, bias), dora_linear(x, w, A, B, 1.5, m, bias, backend="torch"))
-    with pytest.raises(NotImplementedError, match="no fused Triton kernel yet"):
-        dora_linear(x, w, A, B, 1.5, m, backend="triton")
     with pytest.raises(ValueError, match=r"magnitude must be a float tensor of shape \(18,\)"):
         dora_linear(x, w, A, B, 1.5, m[:5], backend="torch")
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_triton_path_equals_the_reference(quantized, p):
+    """The Triton path (the norm from ‖W‖², W Aᵀ and AAᵀ, never W + s·BA; fused LoRA GEMMs;
+    with dropout (x − x̃) Wᵀ + (m/n)(x̃ Wᵀ + s x̃ AᵀBᵀ)) equals the reference: outputs and the
+    gradients of x, A, B and m, on odd shapes with a rank that is no power of two."""
+    from trilora.kernels.lora.dora import base_sq_norm, dense_weight, dora_weight_norm, dora_weight_norm_lowrank
+    from trilora.quant import quantize_4bit
+    g = torch.Generator().manual_seed(5)
+    n_out, n_in, r = 40, 72, 3
+    w = torch.randn(n_out, n_in, generator=g)
+    qs = None
+    if quantized:
+        w, qs = quantize_4bit(w, "nf4", 64, True, backend="torch")
+    x = torch.randn(2, 7, n_in, generator=g)
+    A, B = torch.randn(r, n_in, generator=g) * 0.2, torch.randn(n_out, r, generator=g) * 0.2
+    m, bias = torch.rand(n_out, generator=g) + 0.5, torch.randn(n_out, generator=g)
+    dense = dense_weight(w, qs, torch.float32)
+    sq = base_sq_norm(w, qs)
+    assert max_diff(dora_weight_norm_lowrank(w, qs, A, B, 1.7, sq, "triton"), dora_weight_norm(dense, A, B, 1.7)) < 1e-4
+    outs = []
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+        y = dora_linear(leaves[0], w, leaves[1], leaves[2], 1.7, leaves[3], bias, p, qs, backend=backend, seed=9,
+                        weight_sq=sq if backend == "triton" else None)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    for ours, ref in zip(*outs):
+        assert max_diff(ours, ref) < 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_trainer_flag_trains_a_dora_adapter_peft_loads(tmp_path):
@@ -156,6 +185,13 @@ def test_trainer_flag_trains_a_dora_adapter_peft_loads(tmp_path):
     assert '"use_dora": true' in cfg
     loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEMO_MODEL), tmp_path / "run" / "adapter")
     assert any("lora_magnitude_vector" in n for n, _ in loaded.named_parameters())
+    # `trilora merge` folds the DoRA adapter as PEFT's merge_and_unload does: same logits
+    code, _, err = run_cli(["merge", "--model", DEMO_MODEL, "--adapter", tmp_path / "run" / "adapter",
+                            "--output", tmp_path / "merged"])
+    assert code == 0, err[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.randint(0, merged.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert max_diff(logits(merged, ids), logits(loaded.eval(), ids)) < 1e-4
 
 
 def test_patch_leaves_dora_projections_to_their_layers():
@@ -183,3 +219,19 @@ def test_dora_learns_at_least_as_well_as_lora(tmp_path):
         assert code == 0, err[-2000:]
         loss[bool(dora)] = json.loads((out / "summary.json").read_text())["test_after"]["loss"]
     assert loss[True] <= loss[False] * 1.05, loss
+
+
+def test_layer_on_the_triton_path_equals_peft(monkeypatch):
+    """A DoRA model whose layers run the Triton path (interpreter) computes PEFT's logits; its
+    cached ‖W‖² is dropped when an adapter is merged into the base."""
+    ours, theirs = _pair("llama")
+    from trilora.lora import set_lora_backend, unmerge_lora
+    set_lora_backend(ours, "triton")
+    want = logits(theirs)
+    assert max_diff(logits(ours), want) < 1e-4
+    layer = ours.model.layers[0].self_attn.q_proj
+    assert layer.__dict__.get("_base_sq_cache")
+    merge_lora(ours, unload=False)
+    assert not layer.__dict__.get("_base_sq_cache")
+    unmerge_lora(ours)
+    assert max_diff(logits(ours), want) < 1e-4

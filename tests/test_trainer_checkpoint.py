@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from _trainer_helpers import (adapter, demo_data, fast_args, metrics, run_cli, run_module,
+from _trainer_helpers import (PAUSING_RUNNER, adapter, demo_data, fast_args, metrics, run_cli, run_module,
                               subprocess_env)
 from safetensors.torch import load_file
 
@@ -18,29 +18,6 @@ from trilora.trainer.checkpoint import CheckpointError, latest_checkpoint, verif
 
 # 20 steps with dropout (so the RNG state must be restored too), a checkpoint every 5
 STEPS, SAVE_EVERY = 20, 5
-
-# Runs `trilora` but stops dead inside the step-15 checkpoint write, after the weights went
-# into the temp dir and before the manifest: the parent then SIGKILLs it. A real kill lands
-# anywhere; this one lands at the worst place, deterministically.
-PAUSING_RUNNER = """
-import pathlib, sys, time
-import trilora.trainer.loop as loop
-signal_file, pause_step = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-original = loop.save_checkpoint
-
-def save_checkpoint(out, step, write_weights, *args, **kwargs):
-    def write_then_hang(path):
-        write_weights(path)
-        if step == pause_step:
-            signal_file.write_text(str(step))
-            time.sleep(600)
-    return original(out, step, write_then_hang, *args, **kwargs)
-
-loop.save_checkpoint = save_checkpoint
-from trilora.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
-
 
 def _args(out, data, **kw):
     return fast_args(out, data, steps=STEPS, save_every=SAVE_EVERY, eval_every=5, dropout=0.1, **kw)

@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from _trainer_helpers import adapter, demo_data, fast_args, max_diff, metrics, run_cli, run_module, subprocess_env
+from _trainer_helpers import (PAUSING_RUNNER, adapter, demo_data, fast_args, max_diff, metrics, run_cli, run_module,
+                              subprocess_env)
 
 STEPS, SAVE_EVERY = 20, 10
 
@@ -95,33 +96,11 @@ def test_resume_on_another_number_of_processes(runs, data, tmp_path, nproc, flag
     _same_run(out, sharded)
 
 
-# Rank 0 stops dead inside the step-15 checkpoint write (weights in the temp dir, no manifest)
-# and says its pid; the test SIGKILLs it there, torchrun then takes the other rank down.
-PAUSING_RANK = """
-import os, pathlib, sys, time
-import trilora.trainer.loop as loop
-signal_file, pause_step = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-original = loop.save_checkpoint
-
-def save_checkpoint(out, step, write_weights, *args, **kwargs):
-    def write_then_hang(path):
-        write_weights(path)
-        if step == pause_step:
-            signal_file.write_text(str(os.getpid()))
-            time.sleep(600)
-    return original(out, step, write_weights if step != pause_step else write_then_hang, *args, **kwargs)
-
-loop.save_checkpoint = save_checkpoint
-from trilora.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
-
-
 @pytest.mark.slow
 def test_sigkill_of_a_rank_mid_checkpoint_then_resume(runs, data, tmp_path):
     sharded, _ = runs["qlora"]
     out, flag, runner = tmp_path / "out", tmp_path / "paused", tmp_path / "runner.py"
-    runner.write_text(PAUSING_RANK)
+    runner.write_text(PAUSING_RUNNER)
     args = _args(out, data, "qlora", grad_accum=2, fsdp=True, save_every=5)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(runner), str(flag), "15", *map(str, args)],

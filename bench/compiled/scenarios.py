@@ -80,6 +80,19 @@ def _block(m, kind, quant, p=0.0):
     torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
 
 
+def _base_only(m, quant, grad):
+    """A base-only projection x Wᵀ (DoRA: W Aᵀ for the row norms with m = r, and (x − x̃) Wᵀ
+    under dropout with m = tokens)."""
+    from trilora.kernels.lora import Projection
+    from trilora.kernels.lora.projections import LoRAProjectionsFunction
+    w, qs = (torch.empty(H, H, dtype=BF16), None) if quant is None else nf4_state(H, H)
+    x = torch.empty(m, H, dtype=BF16, requires_grad=grad)
+    proj = Projection(w, qs)
+    (y,) = LoRAProjectionsFunction.apply(x, (proj,), 0.0, 1, False, *proj.trainables())
+    if grad:
+        y.backward(torch.empty_like(y))
+
+
 def lora_scenarios():
     """(label, thunk) of the LoRA GEMM family."""
     for quant in (None, "nf4-dq"):
@@ -108,6 +121,9 @@ def lora_scenarios():
             yield f"lora_qkv {quant or 'bf16'} M={m} p=0.1", lambda m=m, q=quant: _block(m, "qkv", q, 0.1)
     yield f"lora_mlp nf4-dq M={TRAIN_M} p=0.1", lambda: _block(TRAIN_M, "mlp", "nf4-dq", 0.1)
     yield f"lora_mlp nf4-dq M={SMALL_M} p=0.0", lambda: _block(SMALL_M, "mlp", "nf4-dq", 0.0)
+    # DoRA beyond lora_linear: the norm's W Aᵀ (M = r, no grad) and, under dropout, (x − x̃) Wᵀ
+    yield f"dora norm W A^T nf4-dq M={RANK}", lambda: _base_only(RANK, "nf4-dq", False)
+    yield f"dora base (x - x~) W^T nf4-dq M={TRAIN_M}", lambda: _base_only(TRAIN_M, "nf4-dq", True)
 
 
 def _with(context, fn, *args):

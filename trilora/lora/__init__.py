@@ -1,5 +1,5 @@
 """LoRA adapters as drop-in layers for HF models, in PEFT's file format."""
-from .config import DEFAULT_TARGET_MODULES, LoraConfig
+from .config import DEFAULT_TARGET_MODULES, SEQ_CLS_HEADS, LoraConfig
 from .inject import (CONFIG_ATTR, DEFAULT_ADAPTER, active_adapter, add_lora, get_lora_config, linear_module_names, lora_layers, rank_excess,
                      set_lora_backend, trainable_parameters, trainable_summary)
 from .adapters import add_weighted_adapter, adapter_names, delete_adapter, set_adapter
@@ -11,7 +11,7 @@ from .peft_format import (adapter_base_quantization, adapter_labels, adapter_sta
                           load_adapter_weights, read_adapter, save_adapter)
 
 __all__ = [
-    "CONFIG_ATTR", "DEFAULT_TARGET_MODULES", "LoraConfig", "LoraLinear", "TrainableCopy", "add_lora",
+    "CONFIG_ATTR", "DEFAULT_TARGET_MODULES", "SEQ_CLS_HEADS", "LoraConfig", "LoraLinear", "TrainableCopy", "add_lora",
     "accelerate_peft", "restore_peft", "rank_excess", "DEFAULT_ADAPTER", "active_adapter", "add_weighted_adapter",
     "adapter_names", "as_peft_model", "delete_adapter", "set_adapter",
     "adapter_base_quantization", "adapter_labels", "adapter_state_dict", "base_quantization", "get_lora_config", "linear_module_names", "load_adapter", "load_adapter_weights",

@@ -15,6 +15,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from trilora import kernels
+from trilora.kernels.backend import resolve_backend
 from trilora.kernels.lora.dora import dora_weight_norm
 from trilora.quant import Linear4bit
 
@@ -259,6 +260,18 @@ class LoraLinear(nn.Module):
             merged = merged / self._dora_merge_scale.to(merged.device)[:, None]
         return merged - self.delta_weight(name).to(merged.device)
 
+    def base_sq_norm(self, device: torch.device) -> torch.Tensor:
+        """‖W‖² per row of the frozen base, fp32 [out]: the constant part of the DoRA norm,
+        computed once per device (merging into the base clears it: `forget_base_norm`)."""
+        cache = self.__dict__.setdefault("_base_sq_cache", {})
+        if device not in cache:
+            with torch.no_grad():
+                cache[device] = self._dense_weight(torch.float32).square().sum(1).to(device)
+        return cache[device]
+
+    def forget_base_norm(self) -> None:
+        self.__dict__.pop("_base_sq_cache", None)
+
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight [out, in] in `dtype` (a 4-bit one dequantized; Conv1D's transposed)."""
         base = self.base_layer
@@ -285,8 +298,10 @@ class LoraLinear(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.use_dora:
             m = self.lora_magnitude_vector[self.active_adapter].weight
+            fused = resolve_backend(self.backend, x) == "triton"
             y = kernels.dora_linear(x.to(dtype), weight, A.to(dtype), B.to(dtype), self.scaling, m, bias, p,
-                                    quant_state, backend=self.backend)
+                                    quant_state, backend=self.backend,
+                                    weight_sq=self.base_sq_norm(x.device) if fused else None)
         else:
             y = kernels.lora_linear(x.to(dtype), weight, A.to(dtype), B.to(dtype), self.scaling, bias, p,
                                     quant_state, backend=self.backend)

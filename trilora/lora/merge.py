@@ -28,6 +28,7 @@ def _fold(layer: LoraLinear, sign: float) -> None:
     dense = w.float().t() if layer.fan_in_fan_out else w.float()   # [out, in] (Conv1D stores [in, out])
     new = layer.merged_weight(dense) if sign > 0 else layer.unmerged_weight(dense)
     w.copy_((new.t() if layer.fan_in_fan_out else new).to(w.dtype))
+    layer.forget_base_norm()  # the DoRA norm's cached ‖W‖² was of the weight before
 
 
 def _dense_from_4bit(base: Linear4bit, layer: LoraLinear | None, backend: str) -> nn.Linear:

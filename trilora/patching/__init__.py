@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from trilora.kernels.backend import BACKENDS
 from trilora.kernels.rms_norm import RMSNorm
-from trilora.lora.layer import LoraLinear, TrainableCopy
+from trilora.lora import LoraLinear, TrainableCopy
 from trilora.module_tree import replace_module
 from trilora.quant import Linear4bit
 

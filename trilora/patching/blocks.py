@@ -21,7 +21,7 @@ import torch.nn as nn
 from trilora.kernels.lora import lora_mlp
 from trilora.kernels.lora import Projection, lora_qkv
 from trilora.kernels.rope import apply_rotary_pos_emb
-from trilora.lora.layer import LoraLinear
+from trilora.lora import LoraLinear
 from trilora.quant import Linear4bit
 
 # HF attention attributes the attention functions (eager/sdpa/flash) and HF code read

@@ -70,8 +70,7 @@ class TrainConfig:
     dropout: float = _f(0.05, "LoRA dropout")
     target_modules: list[str] = _f(("all-linear",), "module names or regexes to adapt", nargs="+")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
-    dora: bool = _f(False, "DoRA: LoRA plus a trained magnitude per output row (PEFT's use_dora; "
-                           "the PyTorch reference path for now, no fused kernel yet)")
+    dora: bool = _f(False, "DoRA: LoRA plus a trained magnitude per output row (PEFT's use_dora)")
     quant_type: str = _f("nf4", "4-bit type of the qlora base: nf4 or fp4")
     init_adapter: str | None = _f(None, "start from this PEFT adapter (e.g. an earlier stage's) instead of "
                                         "fresh LoRA weights; its r, alpha and targets are used")

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..lora import LoraConfig, add_lora, load_adapter, load_adapter_weights, rank_excess, save_adapter
-from ..lora.config import SEQ_CLS_HEADS
+from ..lora import SEQ_CLS_HEADS, LoraConfig, add_lora, load_adapter, load_adapter_weights, rank_excess, save_adapter
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .data import label_set

@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from ..backend import FLOAT_DTYPES, check_same_device
+from ..backend import FLOAT_DTYPES, autocast_dtype, check_same_device
 from ..quant_state import QuantStateLike, check_packed_state
 
 
@@ -77,6 +77,18 @@ def check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p
 
     # (the quant state's tensors were checked against the packed weight's device above)
     check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+
+
+def autocast_and_check(x, weight, lora_A, lora_B, scaling, bias, dropout_p, quant_state) -> tuple:
+    """(x, weight, lora_A, lora_B, bias) cast to the autocast dtype under torch.autocast (a
+    packed 4-bit weight stays as it is), then checked (`check_lora_linear_inputs`)."""
+    if isinstance(x, torch.Tensor):
+        cast_to = autocast_dtype(x.device.type)
+        x, lora_A, lora_B, bias = cast_floats(cast_to, x, lora_A, lora_B, bias)
+        if quant_state is None:
+            (weight,) = cast_floats(cast_to, weight)
+    check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, quant_state)
+    return x, weight, lora_A, lora_B, bias
 
 
 def check_frozen(*weights: torch.Tensor) -> None:

@@ -11,29 +11,55 @@ Without dropout this is (m/n) ⊙ (x (W + s·BA)ᵀ) + b. With dropout PEFT appl
 rescale to the dropped input too (x̃ Wᵀ), and so does this op. The norm is computed in x's
 dtype from W dequantized to it, as PEFT does.
 
-Only the PyTorch reference exists so far (`backend="torch"`); the fused Triton path (the row
-norms accumulated tile by tile inside the LoRA GEMM, the rescale in its epilogue) is to come.
-`backend="auto"` runs the reference and says so once on a GPU; `backend="triton"` is refused.
+Two paths:
+- "torch": the reference above, W + s·BA formed densely (PEFT's cost: a dequantized copy of W
+  and an [out, in] temporary per layer and step).
+- "triton": nothing [out, in] is formed. The norm comes from
+      n² = ‖W‖²_row + 2s·rowsum(B ⊙ W Aᵀ) + s²·rowsum((B·AAᵀ) ⊙ B)
+  with ‖W‖²_row computed once per frozen base (`base_sq_norm`, cached by the layer), W Aᵀ one
+  base GEMM with A's r rows as its input (4-bit W unpacked in the kernel's K-loop), AAᵀ [r, r].
+  The output is the fused LoRA GEMM rescaled per column, and with dropout one more base GEMM:
+      y = (x − x̃) Wᵀ + (m/n) ⊙ (x̃ Wᵀ + s·x̃ Aᵀ Bᵀ) + b
+  (= the formula above, regrouped), so x̃ Wᵀ and the low-rank term come out of one fused call.
+  The rescale is a pass over y (not yet in the GEMM's epilogue).
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from ..backend import autocast_dtype
+from ..backend import resolve_backend
 from ..quant_state import BaseWeight, QuantStateLike
-from .checks import cast_floats, check_lora_linear_inputs
-from .dropout import check_seed, lora_dropout_mask
-
-_warned = False
+from .checks import autocast_and_check
+from .dropout import check_seed, lora_dropout_mask, resolve_seed
+from .linear import lora_linear
+from .projections import Projection, lora_projections
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """‖W + s·BA‖ per output row, [out], detached; W dense [out, in] in the compute dtype."""
     with torch.no_grad():
         return torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def base_sq_norm(weight: torch.Tensor, quant_state: QuantStateLike | None) -> torch.Tensor:
+    """‖W‖² per output row, fp32 [out], of a dense [out, in] or packed 4-bit base (the frozen
+    part of the DoRA norm: a layer computes it once and keeps it)."""
+    with torch.no_grad():
+        return dense_weight(weight, quant_state, torch.float32).square().sum(1)
+
+
+def dora_weight_norm_lowrank(weight: torch.Tensor, quant_state: QuantStateLike | None, lora_A: torch.Tensor,
+                             lora_B: torch.Tensor, scaling: float, weight_sq: torch.Tensor,
+                             backend: str = "triton") -> torch.Tensor:
+    """‖W + s·BA‖ per output row, fp32 [out], detached, without forming W + s·BA (see the
+    module docstring); `weight_sq` = `base_sq_norm(weight, quant_state)`."""
+    with torch.no_grad():
+        (wa,) = lora_projections(lora_A, [Projection(weight, quant_state)], backend=backend)  # [r, out] = A Wᵀ
+        a, b = lora_A.float(), lora_B.float()
+        cross = (b * wa.float().t()).sum(1)                     # ⟨W_o, (BA)_o⟩
+        quad = ((b @ (a @ a.t())) * b).sum(1)                    # ‖(BA)_o‖²
+        return (weight_sq.float() + 2 * scaling * cross + scaling * scaling * quad).clamp_min(0).sqrt()
 
 
 def dense_weight(weight: torch.Tensor, quant_state: QuantStateLike | None, dtype: torch.dtype) -> torch.Tensor:
@@ -65,35 +91,41 @@ def dora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scaling: float, magnitude: torch.Tensor, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
-                quant_state: QuantStateLike | None = None, backend: str = "auto",
-                seed: int | None = None) -> torch.Tensor:
+                quant_state: QuantStateLike | None = None, backend: str = "auto", seed: int | None = None,
+                weight_sq: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA linear, autograd-aware; arguments as `lora_linear`'s plus `magnitude` [out]
-    (fp32 or x's dtype; it gets the gradient of the DoRA rescale).
-
-    Only the PyTorch reference exists yet: backend "auto" or "torch" runs it ("auto" warns
-    once on a GPU), "triton" raises NotImplementedError. Returns [..., out] in x's dtype.
+    (fp32 or x's dtype; it gets the gradient of the DoRA rescale) and `weight_sq`, the base's
+    `base_sq_norm` if the caller keeps it (else computed here). See the module docstring for
+    the two backends; "auto" picks Triton where it runs. Returns [..., out] in x's dtype.
     """
-    if backend == "triton":
-        raise NotImplementedError("DoRA has no fused Triton kernel yet: use backend='torch' (or 'auto')")
-    if isinstance(x, torch.Tensor):
-        cast_to = autocast_dtype(x.device.type)
-        x, lora_A, lora_B, bias = cast_floats(cast_to, x, lora_A, lora_B, bias)
-        if quant_state is None:
-            (weight,) = cast_floats(cast_to, weight)
-    check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, quant_state)
+    x, weight, lora_A, lora_B, bias = autocast_and_check(x, weight, lora_A, lora_B, scaling, bias, dropout_p,
+                                                         quant_state)
     out_features = lora_B.shape[0]
     if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (out_features,) \
             or not magnitude.is_floating_point():
         got = tuple(magnitude.shape) if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__
         raise ValueError(f"magnitude must be a float tensor of shape ({out_features},) [out], got {got}")
     check_seed(seed)
-    global _warned
-    if x.is_cuda and not _warned:
-        _warned = True
-        warnings.warn("DoRA runs trilora's PyTorch reference path: no fused kernel yet (about LoRA's cost plus "
-                      "a dequantize and a row-norm pass per layer and step)", RuntimeWarning, stacklevel=2)
-    mask = lora_dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 and seed is not None else None
-    return dora_linear_ref(x, weight, lora_A, lora_B, float(scaling), magnitude, bias, dropout_p, quant_state, mask)
+    if resolve_backend(backend, x) == "torch":
+        mask = lora_dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 and seed is not None else None
+        return dora_linear_ref(x, weight, lora_A, lora_B, float(scaling), magnitude, bias, dropout_p, quant_state,
+                               mask)
+    if weight_sq is None:
+        weight_sq = base_sq_norm(weight, quant_state)
+    norm = dora_weight_norm_lowrank(weight, quant_state, lora_A, lora_B, float(scaling), weight_sq, "triton")
+    scale = (magnitude.float() / norm).to(x.dtype)                       # gradient to m only
+    if dropout_p > 0:
+        seed = resolve_seed(dropout_p, seed)
+        x_in = x * lora_dropout_mask(seed, x.shape, dropout_p, x.device) / (1.0 - dropout_p)
+        (rest,) = lora_projections(x - x_in, [Projection(weight, quant_state)], backend="triton")
+    else:
+        x_in, rest = x, None
+    z = lora_linear(x_in, weight, lora_A, lora_B, float(scaling), None, 0.0, quant_state, backend="triton")
+    y = z * scale
+    if rest is not None:
+        y = y + rest
+    return y if bias is None else y + bias
 
 
-__all__ = ["dense_weight", "dora_linear", "dora_linear_ref", "dora_weight_norm"]
+__all__ = ["base_sq_norm", "dense_weight", "dora_linear", "dora_linear_ref", "dora_weight_norm",
+           "dora_weight_norm_lowrank"]

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backend import autocast_dtype, resolve_backend
+from ..backend import resolve_backend
 from ..quant_state import QuantStateLike
-from .checks import cast_floats, check_frozen, check_lora_linear_inputs
+from .checks import autocast_and_check, check_frozen
 from .dropout import check_seed, lora_dropout_mask, resolve_seed
 from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
 
@@ -187,12 +187,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     Under torch.autocast the float inputs are cast to the autocast dtype first.
     Returns [..., out] in x's (compute) dtype.
     """
-    if isinstance(x, torch.Tensor):
-        cast_to = autocast_dtype(x.device.type)
-        x, lora_A, lora_B, bias = cast_floats(cast_to, x, lora_A, lora_B, bias)
-        if quant_state is None:
-            (weight,) = cast_floats(cast_to, weight)
-    check_lora_linear_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, quant_state)
+    x, weight, lora_A, lora_B, bias = autocast_and_check(x, weight, lora_A, lora_B, scaling, bias, dropout_p,
+                                                         quant_state)
     use = resolve_backend(backend, x)
     check_seed(seed)
     if use == "torch":  # with an explicit seed, the kernels' mask (replayed); else F.dropout's
