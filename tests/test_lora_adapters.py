@@ -116,7 +116,10 @@ def test_weighted_adapter_errors():
         add_weighted_adapter(ours, ["default", "two"], [1], "m", combination_type="cat")
     with pytest.raises(ValueError, match="finite"):
         add_weighted_adapter(ours, ["default", "two"], [1, float("nan")], "m", combination_type="cat")
-    assert adapter_names(ours) == ["default", "two", "three"]  # nothing half-added
+    add_lora(ours, LoraConfig(r=2, alpha=4, target_modules=["q_proj"], use_dora=True), adapter_name="d")
+    with pytest.raises(ValueError, match=r"\['d'\] are DoRA adapters"):
+        add_weighted_adapter(ours, ["default", "d"], [1, 1], "m", combination_type="cat")
+    assert adapter_names(ours) == ["default", "two", "three", "d"]  # nothing half-added
 
 
 def test_delete_adapter():

@@ -101,6 +101,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
     if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {weights}")
+    dora = [a for a in adapters if configs[a].use_dora]
+    if dora:
+        raise ValueError(f"adapters {dora} are DoRA adapters: a weighted combination of their low-rank factors "
+                         "ignores the magnitudes, so it is not offered; merge them one by one instead")
     if combination_type not in COMBINATIONS:
         raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r} "
                          "(PEFT's ties / dare / magnitude_prune variants are not implemented)")
