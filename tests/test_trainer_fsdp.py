@@ -153,3 +153,14 @@ def test_fused_blocks_and_activation_checkpointing_under_fsdp(data, tmp_path):
     assert "lm_head_loss 1 patched" in result.stdout
     run_module(fast_args(single, data, grad_accum=4, eval_max_new_tokens=4, **extra))
     _same_run(sharded, single)
+
+
+@pytest.mark.slow
+def test_dora_under_fsdp(data, tmp_path):
+    """DoRA adapters (their magnitudes sharded too) train under FSDP as in one process."""
+    extra = dict(steps=6, save_every=0, eval_every=3, dora=True, eval_max_new_tokens=4)
+    sharded, single = tmp_path / "fsdp", tmp_path / "single"
+    torchrun(2, fast_args(sharded, data, grad_accum=2, fsdp=True, **extra))
+    run_module(fast_args(single, data, grad_accum=4, **extra))
+    assert any(k.endswith("lora_magnitude_vector") for k in adapter(sharded / "adapter"))
+    _same_run(sharded, single)
