@@ -97,8 +97,10 @@ def _view_class() -> type:
         active_adapter = property(lambda self: self.base_model.active_adapter)
         active_adapters = property(lambda self: self.base_model.active_adapters)
         active_peft_config = property(lambda self: self.peft_config[self.active_adapter])
-        modules_to_save = property(lambda self: set(adapter_configs(self.get_base_model())
-                                                    [self.active_adapter].modules_to_save or []) or None)
+        @property
+        def modules_to_save(self) -> set[str] | None:
+            names = self.active_peft_config.modules_to_save
+            return set(names) if names else None
 
         @property
         def has_active_enabled_adapter(self) -> bool:
