@@ -28,6 +28,25 @@ def classified(encoder, tmp_path_factory):
     return out, stdout
 
 
+def assert_peft_agrees(encoder, adapter_dir, model_class, texts, num_labels):
+    """PEFT over HF's model and trilora over `load_model` give the same logits for `texts`."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from trilora.lora import adapter_labels, load_adapter
+    from trilora.trainer import load_model
+    from trilora.trainer.tasks import head_config
+    tok = AutoTokenizer.from_pretrained(encoder)
+    base = model_class.from_pretrained(encoder, num_labels=num_labels)
+    peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    ours = load_adapter(load_model(encoder, quantize=None, model_class=model_class,
+                                   head=head_config(adapter_labels(adapter_dir), tok)), adapter_dir,
+                        backend="torch").eval()
+    batch = ids_of(tok, texts)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**batch).logits, ours(**batch).logits, atol=1e-5)
+
+
 def ids_of(tokenizer, texts):
     return tokenizer(texts, padding=True, return_tensors="pt")
 
@@ -53,12 +72,9 @@ def test_bare_encoder_classifier_trains_by_one_command(classified):
 def test_classifier_adapter_loads_in_peft_with_equal_logits(classified, encoder, tmp_path, pooler):
     """Also from a checkpoint without a pooler: the new pooler trains in full and is saved
     with the adapter (modules_to_save), else the adapter would fit only this run's init."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from trilora.lora import adapter_labels, load_adapter, read_adapter
-    from trilora.trainer.loading import load_model
-    from trilora.trainer.tasks import head_config
+    from trilora.lora import read_adapter
 
     out, _ = classified
     if not pooler:
@@ -69,15 +85,8 @@ def test_classifier_adapter_loads_in_peft_with_equal_logits(classified, encoder,
         assert "trained in full: bert.pooler.dense.weight" in stdout
         config, tensors = read_adapter(out / "adapter")
         assert "bert.pooler.dense" in config.modules_to_save and "bert.pooler.dense.weight" in tensors
-    labels = adapter_labels(out / "adapter")
-    tok = AutoTokenizer.from_pretrained(encoder)
-    base = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=3)
-    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    ours = load_adapter(load_model(encoder, quantize=None, model_class=AutoModelForSequenceClassification,
-                                   head=head_config(labels, tok)), out / "adapter", backend="torch").eval()
-    batch = ids_of(tok, ["the movie was great", "what a dull trip"])
-    with torch.no_grad():
-        assert torch.allclose(peft_model(**batch).logits, ours(**batch).logits, atol=1e-5)
+    assert_peft_agrees(encoder, out / "adapter", AutoModelForSequenceClassification,
+                       ["the movie was great", "what a dull trip"], num_labels=3)
 
 
 @pytest.mark.slow
@@ -186,25 +195,16 @@ def test_entity_tagging_trains_through_the_cli(tagged):
 
 @pytest.mark.slow
 def test_tagging_adapter_in_peft_eval_and_predict(tagged, encoder, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification
 
-    from trilora.lora import adapter_labels, load_adapter, read_adapter
-    from trilora.trainer.loading import load_model
-    from trilora.trainer.tasks import head_config
+    from trilora.lora import adapter_labels, read_adapter
 
     out, _ = tagged
     config, tensors = read_adapter(out / "adapter")
     assert config.task_type == "TOKEN_CLS" and "classifier.weight" in tensors
     labels = adapter_labels(out / "adapter")
-    tok = AutoTokenizer.from_pretrained(encoder)
-    base = AutoModelForTokenClassification.from_pretrained(encoder, num_labels=len(labels))
-    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    ours = load_adapter(load_model(encoder, quantize=None, model_class=AutoModelForTokenClassification,
-                                   head=head_config(labels, tok)), out / "adapter", backend="torch").eval()
-    batch = ids_of(tok, ["john smith visited oslo", "acme corp opened an office in lima"])
-    with torch.no_grad():
-        assert torch.allclose(peft_model(**batch).logits, ours(**batch).logits, atol=1e-5)
+    assert_peft_agrees(encoder, out / "adapter", AutoModelForTokenClassification,
+                       ["john smith visited oslo", "acme corp opened an office in lima"], num_labels=len(labels))
 
     report = tmp_path / "r.json"
     code, _, err = run_cli(["eval", "--model", encoder, "--adapter", out / "adapter", "--data", ENTITIES,

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .inject import ACTIVE_ATTR, CONFIG_ATTR, active_adapter, adapter_configs, lora_layers
+from .inject import ACTIVE_ATTR, CONFIG_ATTR, active_adapter, adapter_configs, lora_backend, lora_layers
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -130,7 +130,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         if present:
             combined[name] = _combine(layer, present, combination_type, new_rank)
     from .inject import add_lora
-    backend = next(layer.backend for _, layer in lora_layers(model))
+    backend = lora_backend(model)
     add_lora(model, new_config, backend=backend, strict=False, adapter_name=adapter_name)
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A:

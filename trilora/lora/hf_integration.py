@@ -30,6 +30,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .inject import DEFAULT_ADAPTER as ADAPTER_NAME
+from .inject import lora_backend
 
 
 def install(model: nn.Module) -> nn.Module:
@@ -192,8 +193,7 @@ def add_adapter(self, *args, **kwargs) -> None:
             config = arg
     if config is None:
         raise ValueError("add_adapter needs a LoraConfig (trilora's or PEFT's)")
-    backend = next((layer.backend for layer in _switchable(self) if hasattr(layer, "backend")), "auto")
-    add_lora(self, _adapter_config(config), backend=backend, adapter_name=name or ADAPTER_NAME)
+    add_lora(self, _adapter_config(config), backend=lora_backend(self), adapter_name=name or ADAPTER_NAME)
 
 
 def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
@@ -225,8 +225,7 @@ def load_adapter(self, path, adapter_name: str | None = None, is_trainable: bool
     if name in adapter_configs(self):
         load_adapter_weights(self, path, name)  # values only: the adapter stays as trainable as it was
     else:
-        backend = next((layer.backend for layer in _switchable(self) if hasattr(layer, "backend")), "auto")
-        _load(self, path, backend=backend, is_trainable=is_trainable, adapter_name=name)
+        _load(self, path, backend=lora_backend(self), is_trainable=is_trainable, adapter_name=name)
 
 
 _METHODS = {

@@ -70,6 +70,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in _plain_modules(model) if n and linear_dims(m) is not None]
 
 
+def lora_backend(model: nn.Module) -> str:
+    """The kernels backend `model`'s LoRA layers run ("auto" when it has none): what an adapter
+    added or merged later uses too."""
+    return next((layer.backend for _, layer in lora_layers(model)), "auto")
+
+
 def set_lora_backend(model: nn.Module, backend: str) -> nn.Module:
     """Set the `lora_linear` backend of every LoraLinear in `model`; returns `model`."""
     if backend not in BACKENDS:
@@ -308,5 +314,5 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 __all__ = ["ACTIVE_ATTR", "DEFAULT_ADAPTER", "active_adapter", "adapter_configs", "rank_excess", "add_lora",
-           "get_lora_config", "lora_layers", "linear_module_names", "resolve_targets",
+           "get_lora_config", "lora_backend", "lora_layers", "linear_module_names", "resolve_targets",
            "resolve_config", "set_lora_backend", "trainable_parameters", "trainable_summary", "CONFIG_ATTR"]

@@ -17,7 +17,7 @@ import torch.nn as nn
 from trilora.quant import Linear4bit, dequantize_4bit
 
 from ..module_tree import replace_module
-from .inject import ACTIVE_ATTR, CONFIG_ATTR, get_lora_config, lora_layers
+from .inject import ACTIVE_ATTR, CONFIG_ATTR, get_lora_config, lora_backend, lora_layers
 from .layer import LoraLinear, TrainableCopy
 
 
@@ -124,7 +124,7 @@ def save_merged(model: nn.Module, path: str | os.PathLike, in_place: bool = Fals
     checkpoints through bitsandbytes' own loader. in_place=False (default) merges a deep copy
     and leaves `model` adapted (costs one model's memory); True merges `model` itself.
     """
-    backend = next((layer.backend for _, layer in lora_layers(model)), "auto")
+    backend = lora_backend(model)
     merged = model if in_place else copy.deepcopy(model)
     if get_lora_config(merged) is not None or any(True for _ in lora_layers(merged)):
         merge_lora(merged)  # else: merged already (merge_lora, then save_merged) — just save
