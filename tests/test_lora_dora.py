@@ -175,6 +175,42 @@ def test_triton_path_equals_the_reference(quantized, p):
         assert max_diff(ours, ref) < 1e-4 * max(1.0, ref.abs().max().item())
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_triton_epilogue_rescale_against_float64(monkeypatch, quantized):
+    """The rescale m/n and the bias in the fused GEMM's epilogue (`DoRALinearFunction`), on
+    poisoned outputs: y and the gradients of x, A, B, m and a trainable bias against a float64
+    ground truth, a magnitude with a zero entry included (dm then needs z, which the saved y
+    cannot give for that column: it is recomputed)."""
+    from test_lora_linear import poison
+
+    from trilora.kernels import backend as kernel_backend
+    from trilora.kernels.lora.dora import dense_weight
+    from trilora.quant import quantize_4bit
+    monkeypatch.setattr(kernel_backend, "_empty", poison)
+    g = torch.Generator().manual_seed(11)
+    n_out, n_in, r = 37, 64, 5
+    w = torch.randn(n_out, n_in, generator=g)
+    qs = None
+    if quantized:
+        w, qs = quantize_4bit(w, "nf4", 64, True, backend="torch")
+    x = torch.randn(3, 11, n_in, generator=g)
+    A, B = torch.randn(r, n_in, generator=g) * 0.2, torch.randn(n_out, r, generator=g) * 0.2
+    m, bias = torch.rand(n_out, generator=g) + 0.5, torch.randn(n_out, generator=g)
+    m[4] = 0.0
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, m, bias)]
+    y = dora_linear(leaves[0], w, leaves[1], leaves[2], 1.3, leaves[3], leaves[4], quant_state=qs, backend="triton")
+    x64, A64, B64, m64, b64 = (t.double().requires_grad_() for t in (x, A, B, m, bias))
+    W = dense_weight(w, qs, torch.float32).double() + 1.3 * B64 @ A64
+    ref = (m64 / torch.linalg.norm(W, dim=1).detach()) * (x64 @ W.t()) + b64
+    assert max_diff(y, ref) < 1e-4
+    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (y * dy.float()).sum().backward()
+    (ref * dy).sum().backward()
+    for ours, want in zip(leaves, (x64, A64, B64, m64, b64)):
+        assert max_diff(ours.grad, want.grad) < 1e-4 * max(1.0, want.grad.abs().max().item())
+    assert leaves[3].grad[4] != 0  # the zero-magnitude column still gets its gradient
+
+
 def test_trainer_flag_trains_a_dora_adapter_peft_loads(tmp_path):
     from _trainer_helpers import DEMO_MODEL, demo_data, fast_args, run_cli
     from transformers import AutoModelForCausalLM

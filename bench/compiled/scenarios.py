@@ -61,6 +61,19 @@ def _lora_linear(m, k, n, quant, p, dtype=BF16):
     y.backward(torch.empty_like(y))
 
 
+def _dora_linear(m, k, n, quant):
+    """DoRA's fused GEMM: the LoRA GEMM with the rescale m/n and the bias in its epilogue."""
+    from trilora.kernels.lora.dora import DoRALinearFunction
+    from trilora.kernels.lora.engine import BaseWeight
+    x = torch.empty(m, k, dtype=BF16, requires_grad=True)
+    A = torch.empty(RANK, k, dtype=BF16, requires_grad=True)
+    B = torch.empty(n, RANK, dtype=BF16, requires_grad=True)
+    mag = torch.ones(n, requires_grad=True)
+    w, qs = (torch.empty(n, k, dtype=BF16), None) if quant is None else nf4_state(n, k)
+    y = DoRALinearFunction.apply(x, BaseWeight.of(w, qs), A, B, torch.empty(n, dtype=BF16), 2.0, mag, torch.ones(n))
+    y.backward(torch.empty_like(y))
+
+
 def _block(m, kind, quant, p=0.0):
     from trilora.kernels.lora import Projection
     from trilora.kernels.lora.mlp import LoRAMLPFunction
@@ -121,6 +134,9 @@ def lora_scenarios():
             yield f"lora_qkv {quant or 'bf16'} M={m} p=0.1", lambda m=m, q=quant: _block(m, "qkv", q, 0.1)
     yield f"lora_mlp nf4-dq M={TRAIN_M} p=0.1", lambda: _block(TRAIN_M, "mlp", "nf4-dq", 0.1)
     yield f"lora_mlp nf4-dq M={SMALL_M} p=0.0", lambda: _block(SMALL_M, "mlp", "nf4-dq", 0.0)
+    for quant in (None, "nf4-dq"):
+        yield (f"dora_linear {quant or 'bf16'} M={TRAIN_M} {H}->{H} (epilogue rescale)",
+               lambda q=quant: _dora_linear(TRAIN_M, H, H, q))
     # DoRA beyond lora_linear: the norm's W Aᵀ (M = r, no grad) and, under dropout, (x − x̃) Wᵀ
     yield f"dora norm W A^T nf4-dq M={RANK}", lambda: _base_only(RANK, "nf4-dq", False)
     yield f"dora base (x - x~) W^T nf4-dq M={TRAIN_M}", lambda: _base_only(TRAIN_M, "nf4-dq", True)

@@ -18,10 +18,10 @@ Two paths:
       n² = ‖W‖²_row + 2s·rowsum(B ⊙ W Aᵀ) + s²·rowsum((B·AAᵀ) ⊙ B)
   with ‖W‖²_row computed once per frozen base (`base_sq_norm`, cached by the layer), W Aᵀ one
   base GEMM with A's r rows as its input (4-bit W unpacked in the kernel's K-loop), AAᵀ [r, r].
-  The output is the fused LoRA GEMM rescaled per column, and with dropout one more base GEMM:
+  The output is the fused LoRA GEMM with the per-column rescale m/n and the bias in its
+  epilogue (`DoRALinearFunction`), and with dropout one more base GEMM:
       y = (x − x̃) Wᵀ + (m/n) ⊙ (x̃ Wᵀ + s·x̃ Aᵀ Bᵀ) + b
   (= the formula above, regrouped), so x̃ Wᵀ and the low-rank term come out of one fused call.
-  The rescale is a pass over y (not yet in the GEMM's epilogue).
 """
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 from ..backend import resolve_backend
 from ..quant_state import BaseWeight, QuantStateLike
-from .checks import autocast_and_check
+from .checks import autocast_and_check, check_frozen
 from .dropout import check_seed, lora_dropout_mask, resolve_seed
-from .linear import lora_linear
+from .engine import gemm, lowrank, output
+from .linear import lora_backward
 from .projections import Projection, lora_projections
 
 
@@ -89,6 +90,55 @@ def dora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     return y if bias is None else y + bias
 
 
+class DoRALinearFunction(torch.autograd.Function):
+    """Triton forward/backward of DoRA without dropout (`dora_linear` feeds it x̃ and adds
+    the dropped part): y = c ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + b with c = m/n per output column, the
+    rescale and the bias in the fused LoRA GEMM's epilogue (one store of y, nothing else
+    of size M·out in the forward).
+
+    Backward: dZ = dY ⊙ c, then LoRA's backward of z (`lora_backward`: dX, dA, dB); n is
+    detached (the paper's §4.3, PEFT's), so dm = Σ_rows dY ⊙ z / n, with z = (y − b)/c read
+    back from the saved output (z itself is recomputed by one GEMM if some c is 0). Saved:
+    x, A, B, t = x Aᵀ [M, r], y (the output: shared with whoever else keeps it), c and n.
+
+    apply(x, base: BaseWeight, lora_A, lora_B, bias, scaling, magnitude [out], norm [out] fp32).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, base, lora_A, lora_B, bias, scaling, magnitude, norm):
+        x2d = x.reshape(-1, x.shape[-1])
+        n_out = lora_B.shape[0]
+        t, _ = lowrank(x2d, lora_A, scaling)
+        col_scale = magnitude.detach().float() / norm
+        y = gemm(output((x2d.shape[0], n_out), x.dtype, x.device), [(x2d, base)], True, lowrank=(t, lora_B.t()),
+                 bias=bias, col_scale=col_scale)
+        ctx.save_for_backward(x2d, lora_A, lora_B, t, y, col_scale, norm, bias)
+        ctx.base, ctx.x_shape, ctx.scaling = base, x.shape, scaling
+        ctx.magnitude_dtype = magnitude.dtype
+        return y.view(*x.shape[:-1], n_out)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x2d, lora_A, lora_B, t, y, col_scale, norm, bias = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)
+        need = ctx.needs_input_grad
+        dz = (dy.float() * col_scale).to(x2d.dtype)
+        dx, da, dlb = lora_backward(dz, x2d, lora_A, lora_B, t, None, ctx.base, ctx.scaling, 0.0,
+                                    need[0], need[2], need[3])
+        dbias = dm = None
+        if need[4] and bias is not None:
+            dbias = dy.sum(0, dtype=torch.float32).to(bias.dtype)
+        if need[6]:
+            if bool((col_scale == 0).any()):  # z cannot be read back from y: compute it
+                z = gemm(output(y.shape, y.dtype, y.device), [(x2d, ctx.base)], True, lowrank=(t, lora_B.t())).float()
+            else:
+                z = (y.float() if bias is None else y.float() - bias.float()) / col_scale
+            dm = ((dy.float() * z).sum(0) / norm).to(ctx.magnitude_dtype)
+        return (None if dx is None else dx.view(ctx.x_shape), None, da, dlb, dbias, None, dm, None)
+
+
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scaling: float, magnitude: torch.Tensor, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
                 quant_state: QuantStateLike | None = None, backend: str = "auto", seed: int | None = None,
@@ -113,18 +163,16 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     if weight_sq is None:
         weight_sq = base_sq_norm(weight, quant_state)
     norm = dora_weight_norm_lowrank(weight, quant_state, lora_A, lora_B, float(scaling), weight_sq, "triton")
-    scale = (magnitude.float() / norm).to(x.dtype)                       # gradient to m only
     if dropout_p > 0:
         seed = resolve_seed(dropout_p, seed)
         x_in = x * lora_dropout_mask(seed, x.shape, dropout_p, x.device) / (1.0 - dropout_p)
         (rest,) = lora_projections(x - x_in, [Projection(weight, quant_state)], backend="triton")
     else:
         x_in, rest = x, None
-    z = lora_linear(x_in, weight, lora_A, lora_B, float(scaling), None, 0.0, quant_state, backend="triton")
-    y = z * scale
-    if rest is not None:
-        y = y + rest
-    return y if bias is None else y + bias
+    check_frozen(weight)
+    y = DoRALinearFunction.apply(x_in, BaseWeight.of(weight, quant_state), lora_A, lora_B, bias, float(scaling),
+                                 magnitude, norm)
+    return y if rest is None else y + rest
 
 
 __all__ = ["base_sq_norm", "dense_weight", "dora_linear", "dora_linear_ref", "dora_weight_norm",

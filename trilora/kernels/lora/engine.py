@@ -1,7 +1,7 @@
 """The LoRA GEMM engine: the base-weight operand and the launchers every LoRA op builds on.
 
     BaseWeight  a frozen W [out, in], dense or packed 4-bit (`../quant_state.py`, re-exported here)
-    gemm        out = mask ⊙ (L Rm)/(1-p) + Σ_s A_s op(W_s) + bias   (`gemm_kernels.py`)
+    gemm        out = c ⊙ (mask ⊙ (L Rm)/(1-p) + Σ_s A_s op(W_s)) + bias   (`gemm_kernels.py`)
     lowrank     t = scale · (a ⊙ keep) bᵀ, drawing the dropout mask and keeping it as bits
     matmul_tn   scale · wideᵀ small, split over M (dA, dB)
 
@@ -68,12 +68,13 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
 
 
 def gemm(out: torch.Tensor, segments, w_transposed: bool, lowrank=None, keep_bits=None, inv_keep: float = 1.0,
-         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """out [M, N] (any strides) = mask ⊙ (L Rm)·inv_keep + Σ_s A_s op(W_s) + bias, in out's dtype.
+         bias: torch.Tensor | None = None, col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, N] (any strides) = c ⊙ (mask ⊙ (L Rm)·inv_keep + Σ_s A_s op(W_s)) + bias, in out's dtype.
 
     segments: 1-3 (A_s [M, K_s], BaseWeight); op(W) = Wᵀ (W [N, K_s]) when `w_transposed`,
     else W (W [K_s, N]). lowrank: (L [M, R], Rm [R, N]) views or None. keep_bits: uint8
-    [M, ⌈N/8⌉] masking the low-rank term, or None. bias: [N] or None.
+    [M, ⌈N/8⌉] masking the low-rank term, or None. bias: [N] or None. col_scale: fp32 [N]
+    multiplying each output column in the epilogue (DoRA's rescale), or None.
     """
     m, n = out.shape
     if m == 0:
@@ -104,7 +105,7 @@ def gemm(out: torch.Tensor, segments, w_transposed: bool, lowrank=None, keep_bit
         w_block = [bn, bk] if w_transposed else [bk, bn]
         _gemm_tma_kernel[(min(num_tiles, configs.num_sms(device)),)](
             desc(out, [bm, bn]), m, n, tuple(desc(a, [bm, bk]) for a in acts), tuple(desc(w, w_block) for w in ws),
-            seg_ks, *lr, *masked, bias, OUT_DTYPE=_TL_DTYPES[dtype], **common)
+            seg_ks, *lr, *masked, bias, col_scale, OUT_DTYPE=_TL_DTYPES[dtype], **common)
         return out
     if quant:
         b0 = bases[0]
@@ -117,7 +118,7 @@ def gemm(out: torch.Tensor, segments, w_transposed: bool, lowrank=None, keep_bit
         fmt = dict(QUANT=False, NESTED=False, BLOCKSIZE=1, NESTED_BLOCKSIZE=1)
     _gemm_kernel[(num_tiles,)](
         out, *out.stride(), m, n, tuple(acts), tuple(s for a in acts for s in a.stride()), seg_ks, *w_args,
-        *lr, *masked, bias, **fmt, **common,
+        *lr, *masked, bias, col_scale, **fmt, **common,
         # a nested absmax is code·scale + offset, two roundings as in bitsandbytes: no fma
         **(dict(enable_fp_fusion=False) if quant else {}))
     return out

@@ -1,9 +1,9 @@
 """The GEMM kernels of the LoRA family: one computation, two ways of feeding the tensor cores.
 
-    out[M, N] = mask ⊙ (L Rm)·inv_keep  +  Σ_s A_s op(W_s)  +  bias          (fp32 accumulator)
+    out[M, N] = c ⊙ (mask ⊙ (L Rm)·inv_keep  +  Σ_s A_s op(W_s))  +  bias    (fp32 accumulator)
 
 - forward of a LoRA linear: A = x, op(W) = Wᵀ (W_T), L Rm = t · (s·B)ᵀ with t = dropout(x) Aᵀ
-  already masked, no mask here; bias.
+  already masked, no mask here; bias; DoRA's column scale c = m/‖W + s·BA‖ (else none).
 - dX of 1-3 projections sharing x (q/k/v, gate/up): A_s = dY_s, op(W_s) = W_s, L Rm = u A with
   u = [s_i dY_i B_i], masked by the forward's keep bits. The masked low-rank term is computed
   FIRST into the same accumulator and the base segments accumulate on top: one accumulator,
@@ -112,6 +112,7 @@ if HAS_TRITON:
         l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rn, R,
         bits_ptr, stride_bits, inv_keep,
         bias_ptr,                    # [N] or None
+        col_scale_ptr,               # [N] fp32 or None: DoRA's m/‖W + s·BA‖, applied before the bias
         # meta-parameters
         N_SEG: tl.constexpr, W_T: tl.constexpr, QUANT: tl.constexpr, NESTED: tl.constexpr,
         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
@@ -155,7 +156,9 @@ if HAS_TRITON:
                                 mask=(offs_k[:, None] < k_s) & (offs_n[None, :] < N), other=0.0)
                 acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
-        # 4. epilogue: bias, one rounding, the only store
+        # 4. epilogue: column scale, bias, one rounding, the only store
+        if col_scale_ptr is not None:
+            acc *= tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
         if bias_ptr is not None:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_dtype),
@@ -171,7 +174,7 @@ if HAS_TRITON:
         # low-rank term and keep bits, as `_gemm_kernel` (small: plain pointer loads)
         l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rn, R,
         bits_ptr, stride_bits, inv_keep,
-        bias_ptr,
+        bias_ptr, col_scale_ptr,
         # meta-parameters
         N_SEG: tl.constexpr, W_T: tl.constexpr, OUT_DTYPE: tl.constexpr,
         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -203,6 +206,8 @@ if HAS_TRITON:
                         b = w_descs[s].load([k0, first_n])
                     acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
             # 4. epilogue, TMA store (clipped at the tensor's edge)
+            if col_scale_ptr is not None:
+                acc *= tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
             if bias_ptr is not None:
                 acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             out_desc.store([first_m, first_n], acc.to(OUT_DTYPE))

@@ -147,21 +147,30 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d, lora_A, lora_B, t, bits = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)  # [M, out]; any strides (sum().backward() gives stride 0)
         need = ctx.needs_input_grad
-        needs = (need[0], need[2], need[3], need[4] and ctx.bias_dtype is not None)
-        inv_keep = 1.0 / (1.0 - ctx.dropout_p)
-        dx = da = dlb = dbias = None  # an empty batch (M = 0) goes through too: the reductions give zeros
-        if needs[0] or needs[1]:
-            u, _ = lowrank(dy, lora_B.t(), ctx.scaling)                        # [M, r]
-        if needs[0]:
-            dx = gemm(output(x2d.shape, x2d.dtype, x2d.device), [(dy, ctx.base)], False, lowrank=(u, lora_A),
-                      keep_bits=bits, inv_keep=inv_keep)
-        if needs[1]:
-            da = matmul_tn(x2d, u, inv_keep, lora_A.dtype, keep_bits=bits, transpose=True)  # [r, in]
-        if needs[2]:
-            dlb = matmul_tn(dy, t, 1.0, lora_B.dtype)                          # [out, r]
-        if needs[3]:
+        dx, da, dlb = lora_backward(dy, x2d, lora_A, lora_B, t, bits, ctx.base, ctx.scaling, ctx.dropout_p,
+                                    need[0], need[2], need[3])
+        dbias = None  # an empty batch (M = 0) goes through too: the reductions give zeros
+        if need[4] and ctx.bias_dtype is not None:
             dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return (None if dx is None else dx.view(ctx.x_shape), None, da, dlb, dbias, None, None, None, None)
+
+
+def lora_backward(dy, x2d, lora_A, lora_B, t, bits, base, scaling: float, dropout_p: float,
+                  need_x: bool, need_a: bool, need_b: bool) -> tuple:
+    """(dX [M, in], dA, dB) of the LoRA linear from dY [M, out] (None where not needed); the
+    saved x2d, t and keep bits as the forward left them. DoRA's backward reuses it."""
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dx = da = dlb = None
+    if need_x or need_a:
+        u, _ = lowrank(dy, lora_B.t(), scaling)                                # [M, r]
+    if need_x:
+        dx = gemm(output(x2d.shape, x2d.dtype, x2d.device), [(dy, base)], False, lowrank=(u, lora_A),
+                  keep_bits=bits, inv_keep=inv_keep)
+    if need_a:
+        da = matmul_tn(x2d, u, inv_keep, lora_A.dtype, keep_bits=bits, transpose=True)  # [r, in]
+    if need_b:
+        dlb = matmul_tn(dy, t, 1.0, lora_B.dtype)                              # [out, r]
+    return dx, da, dlb
 
 
 # ----------------------------------------------------------------------------- public
