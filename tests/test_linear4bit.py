@@ -132,3 +132,33 @@ def test_quantize_model_on_a_tiny_llama():
     assert type(model.lm_head) is nn.Linear
     rel = (quant - dense).norm() / dense.norm()
     assert 1e-4 < rel < 0.2  # changed by 4-bit noise, not broken
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_absmax_as_a_parameter_keeps_the_format(double_quant):
+    """Under FSDP the absmax table is a frozen parameter (so it shards): the state dict keeps
+    bitsandbytes' keys and values, the forward is unchanged, the quant state reads the
+    parameter as it is now, and a reload replaces it."""
+    torch.manual_seed(0)
+    layer = Linear4bit(72, 40, double_quant=double_quant, backend="torch")
+    x = torch.randn(3, 72)
+    before, y = {k: v.clone() for k, v in layer.state_dict().items()}, layer(x)
+    absmax = layer.absmax_as_parameter()
+    assert not absmax.requires_grad and "absmax" in dict(layer.named_parameters())
+    after = layer.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(layer(x), y)
+    with torch.no_grad():
+        absmax.mul_(0) if not double_quant else absmax.fill_(0)  # the state follows the parameter
+    assert not torch.equal(layer(x), y) and layer.quant_state.absmax is absmax
+    layer.load_state_dict(before)  # a whole bnb state replaces the parameter
+    assert "absmax" not in dict(layer.named_parameters()) and torch.equal(layer(x), y)
+
+
+def test_empty_skeleton_has_the_shapes_and_allocates_on_to_empty():
+    layer = Linear4bit.empty(72, 40, bias=True, quant_type="fp4", blocksize=64, double_quant=True)
+    assert layer.weight.is_meta and layer.weight.shape == (72 * 40 // 2, 1) and layer.bias.shape == (40,)
+    qs = layer.quant_state
+    assert qs.absmax.dtype == torch.uint8 and qs.absmax.shape == (72 * 40 // 64,) and qs.nested_absmax.shape == (1,)
+    layer.to_empty(device="cpu")
+    assert not any(t.is_meta for t in (layer.weight, layer.bias, *layer.quant_state.tensors()))

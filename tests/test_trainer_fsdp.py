@@ -164,3 +164,44 @@ def test_dora_under_fsdp(data, tmp_path):
     run_module(fast_args(single, data, grad_accum=4, **extra))
     assert any(k.endswith("lora_magnitude_vector") for k in adapter(sharded / "adapter"))
     _same_run(sharded, single)
+
+
+def _model_diff(a, b) -> float:
+    from safetensors.torch import load_file
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert sorted(wa) == sorted(wb)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_under_fsdp_writes_sharded_checkpoints(data, tmp_path):
+    """--method full: every weight trains sharded (embeddings and head included) as in one
+    process; checkpoints and best/ hold each rank's shards (torch.distributed.checkpoint), not
+    a gathered model; the run resumes from them on 2 sharded processes and on 1 plain one."""
+    extra = dict(method="full", steps=8, save_every=4, eval_every=4, lr=3e-4, eval_max_new_tokens=4)
+    sharded, single = tmp_path / "fsdp", tmp_path / "single"
+    torchrun(2, fast_args(sharded, data, grad_accum=1, fsdp=True, **extra))
+    run_module(fast_args(single, data, grad_accum=2, **extra))
+    assert _model_diff(sharded, single) < 1e-5
+    for x, y in zip(metrics(sharded), metrics(single)):
+        for key in ("loss", "val_loss"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-5), (x, y)
+    step = sharded / "checkpoints" / "step-4"
+    assert sorted(p.name for p in step.iterdir()) == ["manifest.json", "rng.safetensors", "sharded",
+                                                       "trainer_state.json"]
+    shards = sorted(p.name for p in (step / "sharded").iterdir())
+    assert shards == ["optimizer_groups.json", "shard-00001-model-00001-of-00001.safetensors",
+                      "shard-00002-model-00001-of-00001.safetensors"]  # one safetensors file per rank
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert {f"sharded/{name}" for name in shards} <= set(manifest)  # checksummed like any checkpoint file
+    assert len(list((sharded / "best").glob("shard-*.safetensors"))) == 2  # best/: shards too
+    for nproc, flags in ((2, dict(grad_accum=1, fsdp=True)), (1, dict(grad_accum=2))):
+        out = tmp_path / f"resume-{nproc}"
+        shutil.copytree(sharded, out)  # as a kill after the step-4 checkpoint leaves it, plus later records
+        shutil.rmtree(out / "model")
+        (out / "summary.json").unlink()
+        args = fast_args(out, data, resume=True, **flags, **extra)
+        torchrun(nproc, args) if flags.get("fsdp") else run_module(args)
+        assert json.loads((out / "summary.json").read_text())["resumed"]
+        assert _model_diff(out, sharded) < 1e-6

@@ -68,6 +68,17 @@ def _refuse_peft(value) -> None:
                          "train trilora's adapter, or start from a fresh base model for PEFT")
 
 
+def _initialise(A: torch.Tensor, B: torch.Tensor, init_lora_weights: bool | str, r: int) -> None:
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(A, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(B)
+
+
 class Magnitude(nn.Module):
     """A DoRA adapter's magnitude vector m [out] (PEFT's `lora_magnitude_vector.<name>.weight`)."""
 
@@ -142,7 +153,10 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
         self.settings[name] = AdapterSettings(r, alpha, float(dropout), use_rslora, bool(use_dora))
         self.reset_lora_parameters(init_lora_weights, name)
-        if use_dora:
+        if use_dora and device.type == "meta":  # a skeleton: the loader sets m once the base is read
+            self.lora_magnitude_vector[name] = Magnitude(torch.empty(self.out_features, device=device,
+                                                                     dtype=adapter_dtype))
+        elif use_dora:
             A, B = self.adapter_weights(name)
             norm = dora_weight_norm(self._dense_weight(torch.float32), A.float(), B.float(), self.settings[name].scaling)
             self.lora_magnitude_vector[name] = Magnitude(norm.to(adapter_dtype))
@@ -216,15 +230,19 @@ class LoraLinear(nn.Module):
         layer starts as the base layer); "gaussian" → A ~ N(0, 1/r²), B = 0; False → both
         kaiming_uniform, like a fresh nn.Linear."""
         name = self.active_adapter if name is None else name
-        A, B = self.adapter_weights(name)
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(A, std=1.0 / self.settings[name].r)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(B)
+        _initialise(*self.adapter_weights(name), init_lora_weights, self.settings[name].r)
+
+    @torch.no_grad()
+    def initial_adapter_weights(self, name: str, init_lora_weights: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as `add_adapter` draws them for adapter `name` from the random generators'
+        present state, drawing the same numbers (nn.Linear's own initialisation of both, then
+        `reset_lora_parameters`): an adapter added on a `meta` skeleton gets them once its
+        memory exists, the values it would have had on a loaded model."""
+        A, B = (torch.empty_like(w) for w in self.adapter_weights(name))
+        for w in (A, B):  # what constructing nn.Linear(in, r) and nn.Linear(r, out) draws
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        _initialise(A, B, init_lora_weights, self.settings[name].r)
+        return A, B
 
     def __setattr__(self, name: str, value) -> None:
         # PEFT's get_peft_model on a trilora model ("all-linear") would nest its own LoRA

@@ -1,6 +1,7 @@
 """`Linear4bit`: a frozen 4-bit linear layer whose state dict is bitsandbytes' own."""
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Iterable
 
@@ -92,10 +93,61 @@ class Linear4bit(nn.Module):
         module.bias = None if bias is None else nn.Parameter(bias.clone())
         return module
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
+              blocksize: int = 64, double_quant: bool = True, dtype: torch.dtype = torch.float32,
+              compute_dtype: torch.dtype | None = None, backend: str = "auto") -> "Linear4bit":
+        """A layer of the right shapes with every tensor on the `meta` device (no memory, no
+        data): a skeleton to shard before its weights are read (`model.to_empty(device=...)`
+        then allocates them, and the loader fills them)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.out_features, module.in_features = out_features, in_features
+        module.compute_dtype, module.backend = compute_dtype, backend
+        numel = in_features * out_features
+        nblocks = -(-numel // blocksize)
+        meta = functools.partial(torch.empty, device="meta")
+        state = QuantState(
+            absmax=meta(nblocks, dtype=torch.uint8 if double_quant else torch.float32),
+            shape=torch.Size((out_features, in_features)), dtype=dtype, blocksize=blocksize,
+            quant_type=quant_type, code=meta(16),
+            nested_absmax=meta(-(-nblocks // 256)) if double_quant else None,
+            nested_code=meta(256) if double_quant else None,
+            offset=meta(()) if double_quant else None)
+        module._set_quantized(meta((numel + 1) // 2, 1, dtype=torch.uint8), state)
+        module.bias = nn.Parameter(meta(out_features, dtype=dtype)) if bias else None
+        return module
+
     def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
         self.weight = nn.Parameter(packed, requires_grad=False)
+        self._parameters.pop("absmax", None)  # a new state brings its own absmax
         self.quant_state = state
         self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The weight's quant state. After `absmax_as_parameter()` its absmax is the module's
+        `absmax` parameter as it is now (under FSDP: the gathered whole table inside the
+        layer's forward)."""
+        state = self.__dict__["_quant_state"]
+        absmax = self._parameters.get("absmax")
+        if absmax is None:
+            return state
+        live = copy.copy(state)  # no __post_init__: the table was checked when it was loaded
+        live.absmax = absmax
+        return live
+
+    @quant_state.setter
+    def quant_state(self, state: QuantState) -> None:
+        self.__dict__["_quant_state"] = state
+
+    def absmax_as_parameter(self) -> nn.Parameter:
+        """Register the quant state's absmax table as a frozen parameter `absmax`, so FSDP
+        shards it with the packed weight (it is 1/32 of the packed bytes with double
+        quantization, 1/8 without). The state dict keeps bitsandbytes' keys; returns it."""
+        if "absmax" not in self._parameters:
+            self.absmax = nn.Parameter(self.__dict__["_quant_state"].absmax, requires_grad=False)
+        return self.absmax
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] in `dtype` (default: the dtype it was quantized from)."""
@@ -119,18 +171,34 @@ class Linear4bit(nn.Module):
 
     # ------------------------------------------------------------------ device moves
 
+    def move_quant_tables(self, device: torch.device | str) -> None:
+        """Move the quant state's tables that are not parameters (all of them, unless
+        `absmax_as_parameter`) to `device`; for a layer whose parameters someone else moved
+        (FSDP moves parameters only)."""
+        state = self.__dict__["_quant_state"]
+        absmax = self._parameters.get("absmax")
+        if absmax is not None:  # the state's own table is the parameter
+            state.absmax = absmax
+        self.quant_state = state.map(lambda t: t if t is absmax else t.to(device))
+
     def _apply(self, fn, *args, **kwargs):
         # `.to(device)` moves the quant state with the weight; dtype casts (`.half()`) leave
         # it alone: the absmax and tables must stay fp32 / uint8.
         super()._apply(fn, *args, **kwargs)
-        if self.quant_state.device != self.weight.device:
-            self.quant_state = self.quant_state.to(self.weight.device)
+        state, device = self.__dict__["_quant_state"], self.weight.device
+        if "absmax" in self._parameters:  # the state's own table is the parameter
+            state.absmax = self._parameters["absmax"]
+        if device.type != "meta" and any(t.is_meta for t in state.tensors()):  # to_empty: allocate them
+            self.quant_state = state.map(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+        elif state.device != device:
+            self.quant_state = state.to(device)
         return self
 
     # ------------------------------------------------------------------ bnb state dict
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "absmax", None)  # saved as bitsandbytes' `weight.absmax`
         for key, value in self.quant_state.to_bnb_dict().items():
             destination[f"{prefix}weight.{key}"] = value
 
@@ -149,8 +217,9 @@ class Linear4bit(nn.Module):
         rest = {k: v for k, v in state_dict.items() if k != wkey and not k.startswith(wkey + ".")}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-        if wkey in state_dict and wkey in missing_keys:
-            missing_keys.remove(wkey)
+        for key in (wkey, prefix + "absmax"):  # `absmax` came as `weight.absmax`
+            if key in missing_keys and wkey in state_dict:
+                missing_keys.remove(key)
 
     def _load_weight(self, weight: torch.Tensor, quant_entries: dict[str, torch.Tensor]) -> None:
         device = self.weight.device

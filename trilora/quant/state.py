@@ -1,6 +1,7 @@
 """`QuantState`: everything needed to dequantize a 4-bit tensor, and its bitsandbytes form."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, replace
@@ -68,6 +69,20 @@ class QuantState:
     def device(self) -> torch.device:
         return self.absmax.device
 
+    _TENSORS = ("absmax", "code", "nested_absmax", "nested_code", "offset")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Its tensors (those it has)."""
+        return [t for t in (getattr(self, name) for name in self._TENSORS) if t is not None]
+
+    def map(self, fn) -> "QuantState":
+        """A copy with `fn` applied to each tensor, unchecked (e.g. memory to fill later)."""
+        out = copy.copy(self)
+        for name in self._TENSORS:
+            if getattr(self, name) is not None:
+                setattr(out, name, fn(getattr(self, name)))
+        return out
+
     def to(self, device: torch.device | str) -> "QuantState":
         """A copy with every tensor on `device`."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -90,10 +105,28 @@ class QuantState:
             tensors["nested_absmax"] = self.nested_absmax
             tensors["nested_quant_map"] = self.nested_code.clone()
             meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
-                        nested_offset=self.offset.item())
+                        nested_offset=None if self.offset.is_meta else self.offset.item())  # meta: no data yet
         blob = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
         tensors[f"quant_state.bitsandbytes__{self.quant_type}"] = blob
         return tensors
+
+    @staticmethod
+    def metadata(blob: torch.Tensor, where: str) -> dict:
+        """bitsandbytes' quant-state JSON (the uint8 `quant_state.bitsandbytes__<type>`
+        entry), checked: its dict with `dtype` as a torch dtype and `blocksize` an int.
+        ValueError naming `where` when it is not one."""
+        try:
+            meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{where} is not a bitsandbytes quant-state JSON: {err}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where} is not a bitsandbytes quant-state JSON object")
+        for key in ("quant_type", "blocksize", "dtype", "shape"):
+            if key not in meta:
+                raise ValueError(f"{where} lacks '{key}'")
+        if meta["dtype"] not in _DTYPES:
+            raise ValueError(f"unsupported dtype {meta['dtype']!r} in {where}")
+        return {**meta, "dtype": _DTYPES[meta["dtype"]], "blocksize": int(meta["blocksize"])}
 
     @classmethod
     def from_bnb_dict(cls, tensors: dict[str, torch.Tensor]) -> "QuantState":
@@ -105,15 +138,7 @@ class QuantState:
         if len(blobs) != 1:
             raise ValueError("expected exactly one 'quant_state.bitsandbytes__nf4' or '__fp4' entry, "
                              f"found {blobs or 'none'}")
-        try:
-            meta = json.loads(bytes(tensors[blobs[0]].cpu().tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{blobs[0]} is not a bitsandbytes quant-state JSON: {err}") from None
-        for key in ("quant_type", "blocksize", "dtype", "shape"):
-            if key not in meta:
-                raise ValueError(f"{blobs[0]} lacks '{key}'")
-        if meta["dtype"] not in _DTYPES:
-            raise ValueError(f"unsupported dtype {meta['dtype']!r} in {blobs[0]}")
+        meta = cls.metadata(tensors[blobs[0]], blobs[0])
         for key in ("absmax", "quant_map"):
             if key not in tensors:
                 raise ValueError(f"bitsandbytes state lacks '{key}'")
@@ -124,8 +149,8 @@ class QuantState:
         state = cls(
             absmax=absmax if nested else absmax.float(),
             shape=torch.Size(meta["shape"]),
-            dtype=_DTYPES[meta["dtype"]],
-            blocksize=int(meta["blocksize"]),
+            dtype=meta["dtype"],
+            blocksize=meta["blocksize"],
             quant_type=meta["quant_type"],
             code=tensors["quant_map"].float(),
             nested_absmax=tensors["nested_absmax"].float() if nested else None,

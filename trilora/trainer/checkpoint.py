@@ -96,15 +96,30 @@ def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer_state:
     `optimizer_state` is the optimizer's state by parameter name, whole tensors
     (`sharding.named_optimizer_state`), so the checkpoint fits any number of ranks.
     """
-    root = Path(output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    root, tmp, final = checkpoint_paths(output_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     write_weights(tmp / "weights")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    return seal_checkpoint(tmp, final, optimizer_state, scheduler, trainer_state)
+
+
+def checkpoint_paths(output_dir: Path, step: int, shared: bool = False) -> tuple[Path, Path, Path]:
+    """(checkpoints root, temp dir, final dir) of step `step`'s checkpoint. The temp dir is
+    this process's own, or (`shared`) one name every rank agrees on, for sharded writes."""
+    root = Path(output_dir) / "checkpoints"
+    suffix = "shared" if shared else str(os.getpid())
+    return root, root / f".tmp-step-{step}-{suffix}", root / f"step-{step}"
+
+
+def seal_checkpoint(tmp: Path, final: Path, optimizer_state: dict | None, scheduler, trainer_state: dict) -> Path:
+    """Complete the checkpoint in `tmp` (its weights written): the optimizer state (None: it
+    is in the weights' sharded files), scheduler, RNG and trainer state, then the manifest
+    of every file with its checksum, fsync, and the atomic rename to `final`."""
+    step = int(final.name.split("-", 1)[1])
+    opt_meta = None
+    if optimizer_state is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     state = {**trainer_state, "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
@@ -119,7 +134,7 @@ def save_checkpoint(output_dir: Path, step: int, write_weights, optimizer_state:
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    fsync_dir(root)  # the rename itself on disk too
+    fsync_dir(final.parent)  # the rename itself on disk too
     return final
 
 
@@ -170,11 +185,14 @@ def load_checkpoint(path: Path, load_optimizer_state, scheduler) -> dict:
     """Verify `path`, restore optimizer (through `load_optimizer_state(state)`, given
     `_unflatten_optimizer`'s form), scheduler and RNG states; return the trainer state.
 
-    The weights (`path / "weights"`) are the caller's to load.
+    The weights (`path / "weights"`, or the sharded weights and optimizer state of
+    `sharded_checkpoint` in `path / "sharded"`) are the caller's to load.
     """
     verify_checkpoint(path)
     state = json.loads((Path(path) / "trainer_state.json").read_text())
-    load_optimizer_state(_unflatten_optimizer(load_file(Path(path) / "optimizer.safetensors"), state.pop("optimizer")))
+    optimizer_meta = state.pop("optimizer")
+    if optimizer_meta is not None:  # else it sits with the sharded weights (`sharded_checkpoint`)
+        load_optimizer_state(_unflatten_optimizer(load_file(Path(path) / "optimizer.safetensors"), optimizer_meta))
     scheduler.load_state_dict(state.pop("scheduler"))
     set_rng_state(load_file(Path(path) / "rng.safetensors"), state.pop("rng"))
     return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,13 +76,19 @@ def _finite(tensor: torch.Tensor, where: str) -> torch.Tensor:
     return tensor
 
 
-def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, where: str) -> None:
+def _expect_tensor_shape(model: nn.Module, key: str, value: torch.Tensor, where: str) -> None:
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     old = module._parameters.get(leaf, module._buffers.get(leaf))
     if old is not None and tuple(old.shape) != tuple(value.shape):
         raise ValueError(f"{where}: tensor {key!r} has shape {list(value.shape)} but the model built from "
                          f"config.json expects {list(old.shape)}: do the checkpoint and its config.json match?")
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    old = module._parameters.get(leaf, module._buffers.get(leaf))
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)
     elif leaf in module._buffers:
@@ -152,7 +159,7 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
                double_quant: bool = True, blocksize: int = 64, skip=DEFAULT_SKIP,
                device: str | torch.device | None = None, trust_remote_code: bool = False,
                model_class=None, backend: str = "auto", head: dict | None = None,
-               seed: int = 0) -> nn.Module:
+               seed: int = 0, config_overrides: dict | None = None) -> nn.Module:
     """Load a local HF model directory (config.json + safetensors shards) or a `.gguf` file
     (through transformers' GGUF reader, dequantized to `dtype`, then quantized like any other
     checkpoint if `quantize` says so).
@@ -169,16 +176,19 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
         head: config entries of a task head (num_labels, id2label, label2id, pad_token_id),
             set on config.json's before the model is built.
         seed: seeds the initialisation of weights the checkpoint lacks (see below).
+        config_overrides: other config entries set before the model is built (the RoPE
+            scaling of `--context-length`, `trainer.context.rope_overrides`); the model keeps
+            them in its config and in `model.trilora_base_config` (what `save_adapter` records).
     With a `model_class` other than a causal LM, the checkpoint may be a bare encoder (keys
     without the `bert.` prefix, as sentence-transformers saves them) and may lack the head and
     the pooler: those are initialised as transformers does, seeded, and listed in
     `model.newly_initialised`. Any other missing weight is an error.
     Returns the model in eval mode, with `trilora.quant.Linear4bit` layers where quantized.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    shards = check_model_dir(path)
+    check_model_dir(path)
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -186,68 +196,132 @@ def load_model(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtyp
     if is_gguf(path):
         if model_class not in (None, AutoModelForCausalLM):
             raise ValueError(f"{path}: a GGUF file holds a causal LM; task heads need an HF model directory")
+        if config_overrides:
+            raise ValueError(f"{path}: a GGUF file's config cannot be changed (--context-length / RoPE scaling "
+                             "need an HF model directory)")
         return _load_gguf_model(path, quantize, dtype, double_quant, blocksize, skip, device, backend)
+    model, plan = model_skeleton(path, quantize, dtype, double_quant, blocksize, skip, trust_remote_code,
+                                 model_class, head, config_overrides)
+    for kind, key, value in read_checkpoint(plan, model, device, backend):
+        if kind == "layer":
+            replace_module(model, key, value)
+        else:
+            _set_tensor(model, key, value)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    new = [n for n in missing if plan.with_head and (not n.startswith(plan.prefix + ".") or ".pooler." in n)]
+    missing = [n for n in missing if n not in new]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+    _initialise(model, new, device, dtype, seed)
+    model.newly_initialised = new
+    return model.eval()
+
+
+@dataclass
+class CheckpointPlan:
+    """What `model_skeleton` learned about a checkpoint: where its tensors are and which
+    linear layers become 4-bit (`targets`, by module name), in what format."""
+    path: Path
+    shards: list[Path]
+    dtype: torch.dtype
+    quant_type: str | None
+    double_quant: bool
+    blocksize: int
+    targets: set[str]
+    prequantized: bool
+    with_head: bool
+    prefix: str
+    names: set[str]  # the skeleton's parameter and buffer names
+
+
+def model_skeleton(path: str | Path, quantize: str | None = "nf4", dtype: torch.dtype = torch.float32,
+                   double_quant: bool = True, blocksize: int = 64, skip=DEFAULT_SKIP,
+                   trust_remote_code: bool = False, model_class=None, head: dict | None = None,
+                   config_overrides: dict | None = None):
+    """(model, plan): the model of an HF model directory built on the `meta` device (no
+    memory; buffers such as rotary tables are real), and the `CheckpointPlan` that
+    `read_checkpoint` follows to fill it. The layers to quantize are still `nn.Linear`.
+    `head` and `config_overrides` entries are set on the config before the model is built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    shards = check_model_dir(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    for key, value in (head or {}).items():
+    for key, value in {**(head or {}), **(config_overrides or {})}.items():
         setattr(config, key, value)
+    if config_overrides and hasattr(config, "validate_rope"):
+        config.validate_rope()
     quant_type, double_quant, skip, prequantized = _quant_settings(config, quantize, double_quant, skip)
     if prequantized:
         del config.quantization_config  # the 4-bit layers are ours to build
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
         model = (model_class or AutoModelForCausalLM).from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # from_config leaves a meta skeleton untied
+    model.trilora_base_config = dict(config_overrides or {})  # what an adapter trained on it records
     targets = {name for name, m in model.named_modules()
                if quant_type and type(m) is nn.Linear and not name_matches(name, skip)}
     names = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
              | {n for n, _ in model.named_buffers()})
     with_head = model_class not in (None, AutoModelForCausalLM)
     prefix = getattr(model, "base_model_prefix", "") if with_head else ""
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # pre-quantized layers being gathered
-    unused = []
-    for shard in shards:
+    return model, CheckpointPlan(path, shards, dtype, quant_type, double_quant, blocksize, targets, prequantized,
+                                 with_head, prefix, names)
+
+
+def read_checkpoint(plan: CheckpointPlan, model: nn.Module, device: torch.device, backend: str = "auto"):
+    """Read the checkpoint tensor by tensor, yielding ("layer", module name, Linear4bit) for
+    each 4-bit layer (quantized the moment its weight is read, or gathered from its
+    pre-quantized entries) and ("tensor", key, tensor) for every other tensor of the model,
+    on `device`, floating point ones in `plan.dtype`. At most one dense linear weight exists
+    at a time. `model` (the skeleton) gives each layer's expected shape and bias. Warns about
+    checkpoint tensors that match nothing; ValueError for NaN/Inf, wrong shapes, incomplete
+    4-bit entries."""
+    dtype, pending, unused = plan.dtype, {}, []  # pending: pre-quantized layers being gathered
+    for shard in plan.shards:
         with open_safetensors(shard) as f:
             for stored in f.keys():
-                key = _with_prefix(stored, prefix, names)
+                key = _with_prefix(stored, plan.prefix, plan.names)
                 owner = _owner(key)
                 where = f"{shard.name}: {key}"
-                if owner in targets and prequantized:
-                    pending.setdefault(owner, {})[key[len(owner) + 1:]] = _finite(f.get_tensor(stored), where).to(device)
-                elif owner in targets and key == owner + ".weight":  # quantize as it is read
+                if owner in plan.targets and plan.prequantized:
+                    entries = pending.setdefault(owner, {})
+                    entries[key[len(owner) + 1:]] = _finite(f.get_tensor(stored), where).to(device)
+                elif owner in plan.targets and key == owner + ".weight":  # quantize as it is read
                     weight = _finite(f.get_tensor(stored), where).to(device, dtype)
-                    _expect_shape(model.get_submodule(owner), weight, where)
-                    bias = model.get_submodule(owner).bias
-                    replace_module(model, owner, Linear4bit.from_dense(weight, bias, quant_type, blocksize, double_quant,
-                                                                 backend=backend))
+                    linear = model.get_submodule(owner)
+                    _expect_shape(linear, weight, where)
+                    yield "layer", owner, Linear4bit.from_dense(weight, getattr(linear, "bias", None), plan.quant_type,
+                                                               plan.blocksize, plan.double_quant, backend=backend)
                     del weight  # the dense copy dies here: one linear weight at a time
-                elif key in names:
+                elif key in plan.names:
                     tensor = _finite(f.get_tensor(stored), where).to(device)
-                    _set_tensor(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor, where)
+                    _expect_tensor_shape(model, key, tensor, where)
+                    yield "tensor", key, tensor.to(dtype) if tensor.is_floating_point() else tensor
                 else:
                     unused.append(key)
-        for owner in [o for o, entries in pending.items() if _complete(entries)]:
-            entries = pending.pop(owner)
-            if "bias" in entries:
-                entries["bias"] = entries["bias"].to(dtype)
-            layer = Linear4bit.from_state_dict(entries, backend=backend)
-            offset = layer.quant_state.offset
-            if offset is not None and not torch.isfinite(torch.as_tensor(offset)).all():
-                raise ValueError(f"{path}: {owner}: the 4-bit quant state's nested_offset is {float(offset)}: "
-                                 "refusing to load a broken checkpoint")
-            replace_module(model, owner, layer)
+        yield from _complete_layers(plan, pending, device, backend, dtype)
     if pending:
-        raise ValueError(f"{path}: incomplete 4-bit entries for {sorted(pending)[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    new = [n for n in missing if with_head and (not n.startswith(prefix + ".") or ".pooler." in n)]
-    missing = [n for n in missing if n not in new]
-    if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
-    _initialise(model, new, device, dtype, seed)
-    model.newly_initialised = new
+        raise ValueError(f"{plan.path}: incomplete 4-bit entries for {sorted(pending)[:5]}")
     if unused:
-        warnings.warn(f"{path}: {len(unused)} checkpoint tensors match no parameter, e.g. {unused[:3]}")
-    return model.eval()
+        warnings.warn(f"{plan.path}: {len(unused)} checkpoint tensors match no parameter, e.g. {unused[:3]}")
+
+
+def _complete_layers(plan: CheckpointPlan, pending: dict, device, backend, dtype):
+    """Yield ("layer", name, Linear4bit) for every pre-quantized layer whose entries are all read."""
+    for owner in [o for o, entries in pending.items() if _complete(entries)]:
+        entries = pending.pop(owner)
+        if "bias" in entries:
+            entries["bias"] = entries["bias"].to(dtype)
+        layer = Linear4bit.from_state_dict(entries, backend=backend)
+        offset = layer.quant_state.offset
+        if offset is not None and not torch.isfinite(torch.as_tensor(offset)).all():
+            raise ValueError(f"{plan.path}: {owner}: the 4-bit quant state's nested_offset is {float(offset)}: "
+                             "refusing to load a broken checkpoint")
+        yield "layer", owner, layer
 
 
 def _with_prefix(key: str, prefix: str, names: set[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -20,13 +21,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
-                         verify_checkpoint)
+from .checkpoint import (CheckpointError, checkpoint_paths, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                         save_checkpoint, seal_checkpoint, verify_checkpoint)
 from .config import TrainConfig
+from .context import activation_context
 from .evaluate import NonFiniteError, evaluate_loss
 from .tasks import batch_loss, loss_units
 from .outputs import write_dir
-from .sharding import full, full_trainable, load_named_optimizer_state, named_optimizer_state
+from .sharded_checkpoint import SHARDED, all_finite, is_sharded_dir, load_sharded, save_sharded, write_sharded_dir
+from .sharding import full, full_trainable, load_named_optimizer_state, named_optimizer_state, reshard_all
 
 
 class TrainingStopped(Exception):
@@ -36,6 +39,22 @@ class TrainingStopped(Exception):
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; its state is in "
                          f"{checkpoint}: run the same command with --resume to continue")
+
+
+# hook(step, validation loss), called after each validation of the runs inside `on_validation`
+_validation_hooks: list[Callable[[int, float], None]] = []
+
+
+@contextlib.contextmanager
+def on_validation(hook: Callable[[int, float], None]):
+    """Within the block, each run calls hook(step, validation loss) after every validation (the
+    best weights already kept); a hook that raises stops the run there, as any error does.
+    `trilora sweep` reports to its pruner this way."""
+    _validation_hooks.append(hook)
+    try:
+        yield hook
+    finally:
+        _validation_hooks.remove(hook)
 
 
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -54,6 +73,9 @@ def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device):
     """AdamW over the trainable parameters; no weight decay on biases and norm weights."""
+    # under FSDP the registered parameters must be the shards: after a forward without
+    # backward (the evaluation before training) the root's are transient gathered copies
+    reshard_all(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -83,6 +105,8 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.data_fingerprint = data_fingerprint
         self.out = Path(config.output_dir)
+        # a fully fine-tuned model under FSDP: checkpoints and best/ written shard by shard (DCP)
+        self.sharded_full = config.fsdp and config.method == "full"
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         micro_per_epoch = len(train_batches)
@@ -132,8 +156,11 @@ class Trainer:
             # allowed (train longer or shorter), but the lr schedule's shape changes: say so
             warnings.warn(f"resuming a run planned for {state['total_steps']} steps as one of "
                           f"{self.total_steps}: the learning-rate schedule is stretched accordingly")
-        with full_trainable(self.unwrapped):  # under FSDP: read into whole tensors, then back into the shards
-            self.read_weights(path / "weights")
+        if is_sharded_dir(path / SHARDED):  # written shard by shard (`_save_sharded`): DCP reshards it
+            load_sharded(path / SHARDED, self.unwrapped, self.optimizer)
+        else:
+            with full_trainable(self.unwrapped):  # under FSDP: read into whole tensors, then back into the shards
+                self.read_weights(path / "weights")
         self.train_batches.load_state_dict(state["data"])
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         history = self.out / "metrics.jsonl"
@@ -199,7 +226,8 @@ class Trainer:
             ctx = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             with ctx, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                      enabled=self.autocast_dtype is not None):
-                loss = batch_loss(model, batch, self.task, self.class_weights) * weight
+                with activation_context(model, cfg.offload_activations):  # --offload-activations
+                    loss = batch_loss(model, batch, self.task, self.class_weights) * weight
                 loss.backward()
             step_loss += loss.detach()
         loss_sum = step_loss.item()  # one device sync per step, not per micro-batch
@@ -268,18 +296,26 @@ class Trainer:
             raise NonFiniteError(f"step {self.step}: the validation loss is {val['loss']}; stopped")
         if val["loss"] < self.best["val_loss"]:
             self.best, self.bad_evals = {"val_loss": val["loss"], "step": self.step}, 0
-            with full_trainable(self.unwrapped):  # every rank: under FSDP a gather
-                if self.rank == 0:
-                    self.check_weights_finite()
-                    write_dir(self.write_weights, self.out / "best")
+            if self.sharded_full:  # the whole model: each rank writes its shards, nothing is gathered
+                self._check_shards_finite()
+                write_sharded_dir(self.unwrapped, self.out / "best")
+            else:
+                with full_trainable(self.unwrapped):  # every rank: under FSDP a gather
+                    if self.rank == 0:
+                        self.check_weights_finite()
+                        write_dir(self.write_weights, self.out / "best")
         else:
             self.bad_evals += 1
         if self.rank == 0:
             tqdm.write(f"step {self.step}: validation loss {val['loss']:.4f} (best {self.best['val_loss']:.4f} "
                        f"at step {self.best['step']})")
+        for hook in list(_validation_hooks):
+            hook(self.step, val["loss"])
         return bool(self.config.patience) and self.bad_evals >= self.config.patience
 
     def _save(self) -> Path:
+        if self.sharded_full:
+            return self._save_sharded()
         path = self.out / "checkpoints" / f"step-{self.step}"
         optimizer_state = named_optimizer_state(self.unwrapped, self.optimizer)  # every rank: whole tensors
         with full_trainable(self.unwrapped):
@@ -291,6 +327,30 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return path
+
+
+    def _save_sharded(self) -> Path:
+        """A fully fine-tuned model under FSDP: every rank writes its shards of the weights and
+        the optimizer state (`sharded_checkpoint`), rank 0 the rest and the seal."""
+        root, tmp, final = checkpoint_paths(self.out, self.step, shared=True)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._check_shards_finite()
+        dist.barrier()
+        save_sharded(tmp / SHARDED, self.unwrapped, self.optimizer)
+        dist.barrier()
+        if self.rank == 0:
+            seal_checkpoint(tmp, final, None, self.scheduler, self._trainer_state())
+            prune_checkpoints(self.out, self.config.keep_checkpoints)
+        dist.barrier()
+        return final
+
+    def _check_shards_finite(self) -> None:
+        bad = all_finite(self.unwrapped)
+        if bad:
+            raise NonFiniteError(f"step {self.step}: the trainable weight {bad[0]} holds NaN/Inf values; "
+                                 "stopped without writing it")
 
 
 def _total_norm(params) -> torch.Tensor:

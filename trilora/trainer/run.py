@@ -5,6 +5,7 @@ The whole path a practitioner walks, in order; each step is a function of its ow
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from ..lora import SEQ_CLS_HEADS, LoraConfig, add_lora, load_adapter, load_adapter_weights, rank_excess, save_adapter
 from .checkpoint import latest_checkpoint
+from .context import check_lengths, context_settings, describe
 from .config import TrainConfig
 from .data import label_set
 from .data_batch import BatchIterator
@@ -26,6 +28,9 @@ from .tasks import (PEFT_TASK_TYPES, class_weights, head_config, label_list, mod
 from .evaluate import (evaluate_split, loss_batches, pad_id,
                        primary_metric_name, task_dataset)
 from .finish import finish, sharded_bytes
+from .fewshot import check_few_shot, evaluate_few_shot
+from .sharded_checkpoint import is_sharded_dir, load_sharded as load_sharded_weights
+from .sharded_loading import load_sharded
 from .sharding import check_can_shard, full_trainable, shard_model
 from .loading import check_model_dir, load_model, load_tokenizer
 from .loop import Trainer, resume_point
@@ -116,22 +121,63 @@ def is_main() -> bool:
 def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str = "generate", head: dict | None = None):
     """The model to train: full (every weight), LoRA on a 16/32-bit base, or QLoRA on NF4/FP4;
     a causal LM, or a classification / tagging model with a new head (`head`: its config).
-    With --fsdp it is built in host memory: `sharding.shard_model` moves each rank's shards
-    to `device` (a whole model on every GPU first is what sharding exists to avoid)."""
+
+    With --fsdp the model comes sharded over the ranks. A causal LM is built on the meta
+    device, adapted and sharded there, then each rank reads only its shards from the
+    checkpoint (`sharded_loading.load_sharded`): no rank ever holds the whole model. A model
+    that needs new weights initialised (a task head), an adapter to continue or a GGUF file
+    is built in host memory first, then sharded (`sharding.shard_model`), and says so."""
     quantize = config.quant_type if config.method == "qlora" else None
+    overrides, _ = context_settings(config, model_dir)  # --context-length: RoPE scaling set before the build
+    adapt = functools.partial(_adapt, config, model_dir=model_dir, task=task, device=device)
+    host_reason = _host_build_reason(config, model_dir, task) if config.fsdp else None
+    if config.fsdp and host_reason is None:
+        model = load_sharded(model_dir, adapt, device, quantize=quantize, dtype=dtype, backend=config.kernel_backend,
+                             model_class=model_class(task), head=head, config_overrides=overrides)
+        _note_quantized(model, quantize, model_dir)
+        return model
+    if host_reason and is_main():
+        print(f"--fsdp: {host_reason}, so the model is built whole in host memory before it is sharded")
     load_device = torch.device("cpu") if config.fsdp else device
     model = load_model(model_dir, quantize=quantize, dtype=dtype, device=load_device, backend=config.kernel_backend,
-                       model_class=model_class(task), head=head, seed=config.seed)
+                       model_class=model_class(task), head=head, seed=config.seed, config_overrides=overrides)
     if is_main() and getattr(model, "newly_initialised", None):
         print(f"newly initialised (seed {config.seed}), trained in full: {', '.join(model.newly_initialised)}")
-    if quantize:
-        from ..quant import Linear4bit
-        n = sum(isinstance(m, Linear4bit) for m in model.modules())
-        model.quantized_layers = n
-        if n == 0:
-            warnings.warn(f"--method qlora quantized no layer of {model_dir} (only nn.Linear layers are; "
-                          f"{type(model).__name__} has none): this run is plain LoRA on a 16/32-bit base",
-                          RuntimeWarning, stacklevel=2)
+    _note_quantized(model, quantize, model_dir)
+    adapt(model)
+    if config.fsdp:
+        shard_model(model, device)  # each rank keeps 1/N of every parameter, on its device, from here on
+    return model
+
+
+def _host_build_reason(config: TrainConfig, model_dir: Path, task: str) -> str | None:
+    """Why --fsdp cannot build this model on the meta device, or None when it can."""
+    from ..gguf_io import is_gguf
+    if is_gguf(model_dir):
+        return "a GGUF file is read whole"
+    if task != "generate":
+        return f"--task {task} initialises a new head"
+    if config.init_adapter is not None:
+        return "--init-adapter continues an adapter read from files"
+    return None
+
+
+def _note_quantized(model, quantize, model_dir) -> None:
+    if not quantize:
+        return
+    from ..quant import Linear4bit
+    n = sum(isinstance(m, Linear4bit) for m in model.modules())
+    model.quantized_layers = n
+    if n == 0:
+        warnings.warn(f"--method qlora quantized no layer of {model_dir} (only nn.Linear layers are; "
+                      f"{type(model).__name__} has none): this run is plain LoRA on a 16/32-bit base",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _adapt(config: TrainConfig, model, model_dir: Path, task: str, device) -> None:
+    """Make `model` (loaded, or a meta skeleton) the one to train: every weight trainable, an
+    adapter continued or a new one added; fused blocks, activation checkpointing. Reads no
+    weight, except to continue an adapter."""
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -157,7 +203,6 @@ def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str =
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model
 
 
 def _targets(target_modules):
@@ -250,6 +295,7 @@ def _train(config: TrainConfig, out: Path) -> dict:
     task, note = resolve_task(config.task, splits.train + splits.test, _model_config(model_dir))
     if note and is_main():
         print(note)
+    check_few_shot(config.few_shot, splits.test, len(splits.train), task, "the training split")  # before loading
     if task == "tag":  # words come pre-split: a byte-level BPE needs its prefix space
         tokenizer = load_tokenizer(model_dir, pre_split_words=True)
     classes = label_list(splits.train + splits.validation + splits.test, task)
@@ -260,15 +306,17 @@ def _train(config: TrainConfig, out: Path) -> dict:
     train_set, report = task_dataset(splits.train, tokenizer, config, task, label2id)
     if is_main():
         print(report)
+    overrides, context = context_settings(config, model_dir)
+    check_lengths(max(train_set.lengths, default=0), context, config.max_length, str(model_dir))
+    if is_main() and (config.context_length is not None or overrides):
+        print(describe(overrides, context))
     train_batches = BatchIterator(train_set, config.batch_size, pad_token_id=pad_id(tokenizer),
                                   mode="pack" if config.packing else "pad", max_length=config.max_length,
                                   seed=config.seed)
     val_batches = (loss_batches(splits.validation, tokenizer, config, task, label2id)
                    if splits.validation else None)
 
-    model = build_model(config, model_dir, device, dtype, task, head)
-    if config.fsdp:
-        shard_model(model, device)  # each rank keeps 1/N of every parameter, on its device, from here on
+    model = build_model(config, model_dir, device, dtype, task, head)  # with --fsdp: sharded
     if is_main():
         from ..lora import trainable_summary
         print(trainable_summary(model) if config.method != "full" else
@@ -285,6 +333,15 @@ def _train(config: TrainConfig, out: Path) -> dict:
     if is_main():
         print(f"evaluating the test split ({len(splits.test)} records) before training ...", flush=True)
     before = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels, task)
+    few_shot = None
+    if config.few_shot:  # the K-shot baseline, its shots from the training split only
+        if is_main():
+            print(f"evaluating {config.few_shot}-shot prompting on the test split (shots from the training "
+                  "split) ...", flush=True)
+        few_shot, shots = evaluate_few_shot(model, tokenizer, splits.test, splits.train, config, device,
+                                            config.few_shot, config.seed, labels)
+        if is_main():
+            print(shots)
 
     write, read = weight_io(model, config)
     trainer_model = model
@@ -295,20 +352,26 @@ def _train(config: TrainConfig, out: Path) -> dict:
                       data_fingerprint=data_fingerprint(splits.train), task=task, class_weights=weights)
     resumed = trainer.resume() if config.resume else False
     result = trainer.train()
-    if result["best"]["step"] and (out / "best").exists():
-        with full_trainable(model):
-            read(out / "best")  # the deliverable is the best validated weights, not the last
+    sharded_full = config.fsdp and config.method == "full"  # best/ and checkpoints hold shards (DCP)
+    if result["best"]["step"] and (out / "best").exists():  # the deliverable is the best validated weights
+        if is_sharded_dir(out / "best"):  # written shard by shard, maybe by another number of ranks
+            load_sharded_weights(out / "best", model)
+        else:
+            with full_trainable(model):
+                read(out / "best")
     if is_main():
         print(f"evaluating the test split ({len(splits.test)} records) after training ...", flush=True)
     after = evaluate_split(model, tokenizer, splits.test, config, device, autocast_dtype, labels, task)
 
     summary = None
     sharded = sharded_bytes(model) if config.fsdp else None  # every rank: a gather
-    with full_trainable(model):  # under FSDP: the adapter whole on every rank, to check and write
+    # under FSDP: the adapter whole on every rank, to check and write; a fully fine-tuned
+    # model gathered parameter by parameter into rank 0's host memory only
+    with full_trainable(model, rank0_cpu=sharded_full):
         if is_main():
             summary = finish(config, model, trainer, result, out, tokenizer, splits, before, after, metric, higher,
                               classes, task, head, labels, device, dtype, autocast_dtype, model_dir, resumed, write,
-                              sharded)
+                              sharded, few_shot=few_shot)
     if dist.is_initialized():
         dist.barrier()
     return summary

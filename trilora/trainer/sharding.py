@@ -18,7 +18,8 @@ rank (small: LoRA factors) and writes any change back into the shards on exit, a
 `named_optimizer_state` / `load_named_optimizer_state` keep the optimizer state by parameter
 name as full tensors. A checkpoint therefore holds no trace of the world size: a run resumes
 on any number of ranks, sharded or not. The quant state's small tables (absmax: 1/32 of the
-packed bytes with double quantization) stay replicated on every rank.
+packed bytes with double quantization) are frozen parameters under FSDP and shard too; the
+remaining tables (the 16-entry code, the nested statistics: 1/256 of absmax) are replicated.
 """
 from __future__ import annotations
 
@@ -64,24 +65,47 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def shard_model(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
     """`fully_shard` every decoder layer, then the root, over all ranks; returns the model
-    (the same object, now an FSDPModule whose parameters are DTensors). A model built in host
-    memory moves to `device` one unit at a time (FSDP moves a unit's parameters, then keeps
-    this rank's shard); the 4-bit layers' quant states, which are no parameters, follow."""
+    (the same object, now an FSDPModule whose parameters are DTensors). The 4-bit layers'
+    absmax tables become frozen parameters first, so they shard with the packed weights.
+
+    A model built in host memory moves to `device` one unit at a time (FSDP moves a unit's
+    parameters, then keeps this rank's shard); the quant states' small tables follow. A
+    `meta` skeleton is allocated on `device` (`to_empty`: this rank's shards only, contents
+    undefined until a loader fills them)."""
     from torch.distributed.fsdp import fully_shard
 
     from ..quant import Linear4bit
 
+    four_bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for module in four_bit:
+        module.absmax_as_parameter()
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
-    if device is not None:
-        for module in model.modules():
-            if isinstance(module, Linear4bit):
-                module.quant_state = module.quant_state.to(device)
+    if any(p.is_meta for p in model.parameters()):
+        ties = _tied(model)
+        model.to_empty(device=device or "cpu")
+        for (module, leaf), *others in ties:  # to_empty allocates each module's tensors apart
+            for other, other_leaf in others:
+                other._parameters[other_leaf] = module._parameters[leaf]
+    else:
+        for module in four_bit:
+            module.move_quant_tables(device if device is not None else module.weight.device)
     # FSDP picks its root at the first forward; the fused evaluation loss calls the backbone
     # before any root forward, which would make layer 0 a root: settle the root now
     model._get_fsdp_state()._lazy_init()
     return model
+
+
+def _tied(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The (module, name) slots of every parameter held under more than one name (tied
+    embeddings)."""
+    slots: dict[int, list] = {}
+    for module in model.modules():
+        for leaf, p in module._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((module, leaf))
+    return [group for group in slots.values() if len(group) > 1]
 
 
 def reshard_all(model: nn.Module) -> None:
@@ -115,6 +139,17 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes reach the shard), else `t`."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def local_part(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the whole tensor `value`, laid out as `like` (a DTensor: its
+    shard's rows; else all of it), in `like`'s dtype and device. No communication."""
+    return local(_shard_like(value, like))
+
+
 def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`value` (the whole tensor, the same on every rank) laid out as `like`: a DTensor with
     its placements (this rank's part, no communication), or `value` itself."""
@@ -125,30 +160,43 @@ def _shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def full_trainable(model: nn.Module):
+def full_trainable(model: nn.Module, rank0_cpu: bool = False):
     """Within the block the trainable parameters are whole tensors on every rank (the frozen
     base stays sharded): adapter files can be written and read, weights checked. Changes made
     within are written back into the shards. Every rank must enter (the gather is a
-    collective); outside FSDP this does nothing."""
+    collective); outside FSDP this does nothing.
+
+    rank0_cpu: for a fully fine-tuned model, whose trainable parameters are the whole model:
+    they are gathered one at a time into host memory of rank 0 only (the other ranks keep
+    their shards and hold nothing more), for rank 0 to write them. Read-only: changes are not
+    written back."""
     if not any(is_fsdp_module(m) for m in model.modules()):
         yield
         return
     reshard_all(model)  # a gathered root parameter is a transient copy: writes to it would be lost
+    main = not dist.is_initialized() or dist.get_rank() == 0
     whole: dict[int, nn.Parameter] = {}  # one whole copy per parameter, however often it is tied
-    swapped = []
+    gathered_ids, swapped = set(), []
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.requires_grad and isinstance(p, DTensor):
-                if id(p) not in whole:
-                    whole[id(p)] = nn.Parameter(p.full_tensor().detach().clone(), requires_grad=True)
-                module._parameters[name] = whole[id(p)]
-                swapped.append((module, name, p))
+                if id(p) not in gathered_ids:  # the same sequence of collectives on every rank
+                    gathered_ids.add(id(p))
+                    gathered = p.full_tensor().detach()
+                    if main or not rank0_cpu:
+                        whole[id(p)] = nn.Parameter(gathered.cpu() if rank0_cpu else gathered.clone(),
+                                                    requires_grad=True)
+                    del gathered
+                if id(p) in whole:
+                    module._parameters[name] = whole[id(p)]
+                    swapped.append((module, name, p))
     try:
         yield
     finally:
         with torch.no_grad():
             for module, name, p in swapped:
-                p.to_local().copy_(_shard_like(whole[id(p)].detach(), p).to_local())
+                if not rank0_cpu:
+                    p.to_local().copy_(_shard_like(whole[id(p)].detach(), p).to_local())
                 module._parameters[name] = p
 
 
@@ -219,4 +267,4 @@ def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
 
 
 __all__ = ["bytes_per_rank", "check_can_shard", "decoder_layers", "full", "full_trainable", "root_unsharded",
-           "is_fsdp_module", "load_named_optimizer_state", "named_optimizer_state", "reshard_all", "shard_model"]
+           "is_fsdp_module", "load_named_optimizer_state", "local", "local_part", "named_optimizer_state", "reshard_all", "shard_model"]
