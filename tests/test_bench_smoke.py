@@ -41,6 +41,22 @@ def test_train_step_bench_smoke(tmp_path):
         assert r["ours_ms"] is None and r["tokens_per_s"] is None
 
 
+def test_context_bench_smoke(tmp_path):
+    """Peak memory against sequence length: rows for every length and mode, no GPU figure from a CPU;
+    checkpointing keeps fewer saved bytes, offloading keeps none on the device."""
+    rows = smoke_rows("bench_context.py", tmp_path)
+    assert {(r["seq"], r["mode"]) for r in rows} == {(n, m) for n in (16, 32, 64)
+                                                    for m in ("plain", "checkpointing", "checkpointing+offload")}
+    by = {(r["seq"], r["mode"]): r for r in rows}
+    for r in rows:
+        assert ROW_KEYS <= set(r) and r["op"] == "context_memory"
+        assert r["ours_ms"] is None and r["peak_mem_gb"] is None  # never a GPU figure from a CPU
+    for n in (16, 32, 64):
+        assert by[n, "checkpointing"]["saved_device_gb"] < by[n, "plain"]["saved_device_gb"]
+        assert by[n, "checkpointing+offload"]["saved_device_gb"] == 0 < by[n, "checkpointing+offload"]["saved_host_gb"]
+    assert by[64, "plain"]["rope_scaling"] == "linear" and by[32, "plain"]["rope_scaling"] == "default"
+
+
 def test_report_renders_rows_and_pending(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import report

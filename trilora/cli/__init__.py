@@ -1,10 +1,10 @@
-"""`trilora` / `python -m trilora`: train, eval, merge, generate, predict, bench.
+"""`trilora` / `python -m trilora`: train, sweep, eval, merge, generate, predict, bench.
 
 This package is the command line only. `main` (here) runs one command and turns every failure
 into one line and an exit code; `parser.py` holds the flags; the commands live in `commands.py`
-(train, eval, generate, predict), `merge.py` and `bench.py`, sharing `loading.py` (which base,
-adapter, 4-bit format and head a command loads). The library (trilora.lora, quant, kernels)
-never imports this package.
+(train, eval, generate, predict), `sweep.py`, `merge.py` and `bench.py`, sharing `loading.py`
+(which base, adapter, 4-bit format and head a command loads). The library (trilora.lora, quant,
+kernels) never imports this package.
 """
 from __future__ import annotations
 

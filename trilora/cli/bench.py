@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 BENCH_SCRIPTS = {"dequant": "bench_dequantize.py", "lora": "bench_lora_linear.py",
-                 "blocks": "bench_block_kernels.py", "train": "bench_train_step.py", "fsdp": "bench_fsdp.py"}
+                 "blocks": "bench_block_kernels.py", "train": "bench_train_step.py", "fsdp": "bench_fsdp.py",
+                 "context": "bench_context.py"}
 
 # <checkout>/bench: this file is <checkout>/trilora/cli/bench.py. A module constant so that a
 # test can point it at a folder that does not exist.

@@ -10,18 +10,25 @@ from pathlib import Path
 from .loading import DEMO_CONFIG, load_for_inference, model_dir
 
 
-def run_train(args) -> int:
+def train_config(args, doing: str = "running"):
+    """The TrainConfig of `train` (and of each `sweep` trial): --config overridden by the flags,
+    or the embedded demo's settings when neither --config, --model nor --data is given."""
     from ..trainer.config import config_from_args
-    from ..trainer.run import train
 
     if args.config is None and args.model is None and args.data is None:
-        print(f"no --model/--data: running the embedded demo ({DEMO_CONFIG.name})")
+        print(f"no --model/--data: {doing} the embedded demo ({DEMO_CONFIG.name})")
         args.config = DEMO_CONFIG
     config = config_from_args(args)
     if config.data is not None and config.model is None:
         raise ValueError("--data needs --model, the base model to fine-tune (the embedded demo model only "
                          "serves the demo task; pass --model trilora/demo/assets to train it anyway)")
-    train(config)
+    return config
+
+
+def run_train(args) -> int:
+    from ..trainer.run import train
+
+    train(train_config(args))
     return 0
 
 
@@ -32,6 +39,8 @@ def run_eval(args) -> int:
     from ..trainer.data import label_set, load_records
     from ..trainer.evaluate import evaluate_split
 
+    few_shot = getattr(args, "few_shot", None)
+    _check_few_shot_flags(args, few_shot)  # before anything is loaded
     model, tokenizer, task = load_for_inference(args)
     records, report = load_records(args.data, None if args.format == "auto" else args.format)
     print(report)
@@ -40,13 +49,63 @@ def run_eval(args) -> int:
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
     labels = (label_set(records) or None) if task == "generate" else None
-    result = evaluate_split(model, tokenizer, records, config, device, autocast, labels, task)
+    if few_shot:
+        from ..trainer.fewshot import check_few_shot, evaluate_few_shot
+        shots = _shot_pool(args, records)
+        check_few_shot(few_shot, records, len(shots), task, f"--shots-data {args.shots_data}")
+        result, few_shot_report = evaluate_few_shot(model, tokenizer, records, shots, config, device, few_shot,
+                                                    args.seed, labels)
+        print(few_shot_report)
+    else:
+        result = evaluate_split(model, tokenizer, records, config, device, autocast, labels, task)
     text = json.dumps(result, indent=2)
     if args.output:
         from ..trainer.outputs import write_text
         write_text(Path(args.output), text + "\n")  # complete, or the previous report kept
     print(text)
     return 0
+
+
+def _check_few_shot_flags(args, few_shot: int | None) -> None:
+    """--few-shot K needs --shots-data, a file other than the test file; --shots-data needs --few-shot."""
+    shots_data = getattr(args, "shots_data", None)
+    if few_shot is None:
+        if shots_data:
+            raise ValueError("--shots-data is read only with --few-shot K (the number of examples in each prompt)")
+        return
+    if few_shot < 0:
+        raise ValueError(f"--few-shot must be >= 0 (the number of examples in each prompt), got {few_shot}")
+    if few_shot and not shots_data:
+        raise ValueError(f"--few-shot {few_shot} needs --shots-data FILE: the training examples the shots are "
+                         "drawn from (never the test file)")
+    if few_shot and _same_file(shots_data, args.data):
+        raise ValueError(f"--shots-data {shots_data} is the test file --data {args.data}: few-shot examples must "
+                         "never come from the test split; give the training data")
+
+
+def _same_file(a, b) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _shot_pool(args, test_records) -> list:
+    """The records of --shots-data (cleaned as training data is), refused if any equals a test record."""
+    from ..trainer.data import load_records
+    from ..trainer.fewshot import record_key
+
+    shots, report = load_records(args.shots_data, None if args.format == "auto" else args.format)
+    print(report)
+    test = {record_key(r): r for r in test_records}
+    shared = [(r, test[record_key(r)]) for r in shots if record_key(r) in test]
+    if shared:
+        shot, same = shared[0]
+        raise ValueError(f"--shots-data {args.shots_data} shares {len(shared)} records with the test data "
+                         f"{args.data} (first: {shot.where} = {same.where}): few-shot examples must never come "
+                         "from the test split")
+    return shots
 
 
 def _inputs(args) -> list[str]:

@@ -25,6 +25,18 @@ def trained_quantization(adapter) -> dict | None:
     return adapter_base_quantization(adapter) if adapter else None
 
 
+def trained_base_config(adapter) -> dict:
+    """The config entries (RoPE scaling of `--context-length`) the adapter's base was trained
+    with: applied to the base it is loaded on, or its positions would silently mean other things."""
+    from ..lora import adapter_base_config
+
+    found = adapter_base_config(adapter) if adapter else {}
+    if found:
+        print(f"the adapter was trained with the base's config changed ({', '.join(sorted(found))}): applied",
+              file=sys.stderr)
+    return found
+
+
 def task_of(model_dir: Path, adapter, tokenizer) -> tuple[str, dict | None]:
     """(task, head config) of what is loaded: an adapter's PEFT task type and recorded classes,
     or a saved model's architecture (a fine-tuned classifier's config.json has its labels)."""
@@ -79,7 +91,7 @@ def load_for_inference(args):
         quant = {"quant_type": args.quantize, **({k: trained[k] for k in ("blocksize", "double_quant")}
                                                  if trained and trained["quant_type"] == args.quantize else {})}
     model = load_model(base, backend=args.kernel_backend, model_class=model_class(task), head=head,
-                       **load_kwargs(quant))
+                       config_overrides=trained_base_config(args.adapter), **load_kwargs(quant))
     if args.adapter:
         load_adapter(model, args.adapter, backend=args.kernel_backend)
     return model.eval(), tokenizer, task

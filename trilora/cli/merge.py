@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .loading import load_kwargs, model_dir, task_of, trained_quantization
+from .loading import load_kwargs, model_dir, task_of, trained_base_config, trained_quantization
 
 
 def check_merge_output(output: Path, sources: dict[str, Path], overwrite: bool, to: str = "hf") -> None:
@@ -53,7 +53,7 @@ def run_merge(args) -> int:
         raise ValueError(f"--to gguf writes causal LMs for llama.cpp; this adapter is a {task} model: merge "
                          "it to an HF directory (--to hf)")
     model = load_model(base, backend=args.kernel_backend, model_class=model_class(task), head=head,
-                       **load_kwargs(quant))
+                       config_overrides=trained_base_config(args.adapter), **load_kwargs(quant))
     # the success line says which weights the adapter was folded into, since scores depend on it
     if quant is None and any(isinstance(m, Linear4bit) for m in model.modules()):
         what = "the dequantized weights of the 4-bit checkpoint (it has no others)"

@@ -11,6 +11,22 @@ import argparse
 from .bench import BENCH_SCRIPTS, bench_part, run_bench
 from .commands import run_eval, run_generate, run_predict, run_train
 from .merge import run_merge
+from .sweep import run_sweep
+
+
+SWEEP_DESCRIPTION = """\
+Hyperparameter search: each trial is a `trilora train` run in SWEEP_DIR/trial-NNN/, with the
+settings below (as for train: --config YAML overridden by flags) and the searched ones on top.
+
+  trilora sweep --config run.yaml --grid lr=1e-4,2e-4,5e-4 --grid r=8,16
+  trilora sweep --config run.yaml --trials 20 --space lr=1e-5:1e-3:log --space 'r=8|16|32' --prune
+
+KEY is a setting of `trilora train --help` (lr, r, alpha, dropout, batch_size, ...); a list
+setting's value is its items separated by spaces (--grid "target_modules=q_proj v_proj,all-linear").
+Run the same command again to continue a sweep: finished trials are kept, a killed one runs again
+(from its checkpoint with --save-every N). SWEEP_DIR/best.yaml is the best trial's whole config:
+trilora train --config SWEEP_DIR/best.yaml. Needs Optuna: pip install 'trilora[sweep]'.
+Trials run one after another in this process (not yet one per GPU)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)  # train's flags are the TrainConfig fields, defined beside them
     p.set_defaults(func=run_train)
 
+    p = command("sweep", help="hyperparameter search: train trials over a grid or ranges (Optuna)",
+                conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description=SWEEP_DESCRIPTION)
+    add_arguments(p)  # the settings every trial shares, as for train; then what the sweep varies
+    for action in p._actions:  # set by the sweep for each trial (refused when given)
+        if action.dest in ("resume", "overwrite", "fsdp"):
+            action.help = argparse.SUPPRESS
+    sweep = p.add_argument_group("the search")
+    sweep.add_argument("--output-dir", default="trilora-sweep", metavar="SWEEP_DIR",
+                       help="the sweep's directory: trial-NNN/ per trial, study.db, trials.csv, sweep.json, "
+                            "sweep.png, best.yaml (default: trilora-sweep)")
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                       help="try each value of a setting (repeatable; the grid is every combination)")
+    sweep.add_argument("--space", action="append", metavar="KEY=RANGE",
+                       help="a range to draw from with --trials N (repeatable): LOW:HIGH uniform, "
+                            "LOW:HIGH:log log-uniform, 'A|B|C' one of the values (quoted for the shell); "
+                            "--grid values are drawn from too")
+    sweep.add_argument("--trials", type=int,
+                       help="trials to run in all (default with --grid alone: every combination)")
+    sweep.add_argument("--sampler", choices=["grid", "random", "tpe"],
+                       help="Optuna's sampler (default: grid with --grid alone, tpe with --space)")
+    sweep.add_argument("--sampler-seed", type=int, default=0, help="seed of the sampler (default: 0)")
+    sweep.add_argument("--metric", default="val_loss",
+                       help="what the best trial is chosen by: val_loss (the run's best validation loss; "
+                            "default), or a test-split score of summary.json: test_loss, test_exact_match, "
+                            "test_accuracy, test_f1, ... (a choice made on the test split flatters its score)")
+    sweep.add_argument("--prune", action="store_true",
+                       help="stop a trial at a validation (--eval-every N) where its loss is worse than the "
+                            "median of the completed trials' at that step (Optuna's MedianPruner)")
+    sweep.add_argument("--prune-startup-trials", type=int, default=3,
+                       help="completed trials before any is pruned (default: 3)")
+    p.set_defaults(func=run_sweep)
+
     def backend_arg(p):
         from ..kernels.backend import BACKENDS
         p.add_argument("--kernel-backend", choices=BACKENDS, default="auto",
@@ -65,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--output", help="write the JSON report here too")
+    p.add_argument("--few-shot", type=int, metavar="K",
+                   help="score K-shot prompting: each test prompt preceded by K examples of --shots-data, "
+                        "drawn per record by --seed, in the chat template when the tokenizer has one")
+    p.add_argument("--shots-data", help="with --few-shot: the file the examples come from (training data; never "
+                                        "the test file, nor a record of it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot examples' choice (default: 0)")
     p.set_defaults(func=run_eval)
 
     p = command("merge", help="fold an adapter into its base and save an HF model directory")

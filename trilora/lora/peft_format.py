@@ -13,6 +13,9 @@ the head can be rebuilt on a fresh base (PEFT keeps them in the base's config in
 `trilora.base_quantization` records the 4-bit format of the base the adapter was trained on
 ({"quant_type", "blocksize", "double_quant"}): the adapter learned against those dequantized
 weights, so `trilora merge` and `trilora eval` rebuild them by default. PEFT ignores it.
+`trilora.base_config` records the config entries the base was changed by before training
+(the RoPE scaling and `max_position_embeddings` of `--context-length`): the adapter learned
+positions through them, so `eval`, `generate` and `merge` apply them to the base it loads on.
 
 A trilora-adapted model's state-dict keys are PEFT's in-memory keys without the
 `base_model.model.` prefix (`<module>.lora_A.<adapter>.weight`); a file key is that key with
@@ -40,6 +43,7 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 BASE_QUANTIZATION_KEY = "trilora.base_quantization"
 LABELS_KEY = "trilora.labels"
+BASE_CONFIG_KEY = "trilora.base_config"
 
 
 def _adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -114,6 +118,21 @@ def adapter_base_quantization(path: str | os.PathLike) -> dict | None:
     return quant
 
 
+def adapter_base_config(path: str | os.PathLike) -> dict:
+    """The config entries an adapter directory says its base was changed by before training
+    (e.g. {"rope_parameters": {...}, "max_position_embeddings": 4096}); {} when none."""
+    text = _metadata(path, BASE_CONFIG_KEY)
+    if text is None:
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: {WEIGHTS_NAME} metadata {BASE_CONFIG_KEY} is malformed: {text[:80]!r}")
+    return found
+
+
 def adapter_labels(path: str | os.PathLike) -> list[str] | None:
     """The classes a SEQ_CLS / TOKEN_CLS adapter directory records, in id order, or None."""
     text = _metadata(path, LABELS_KEY)
@@ -143,6 +162,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if config.task_type in HEAD_TASK_TYPES and id2label:
         metadata[LABELS_KEY] = json.dumps([id2label[i] for i in sorted(id2label, key=int)])
+    if base_config := getattr(model, "trilora_base_config", None):
+        metadata[BASE_CONFIG_KEY] = json.dumps(base_config, sort_keys=True)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:

@@ -56,13 +56,23 @@ class TrainConfig:
     lr: float = _f(2e-4, "peak learning rate")
     batch_size: int = _f(8, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    max_length: int = _f(512, "tokens per sequence (longer examples are truncated and counted)")
+    max_length: int | None = _f(None, "tokens per sequence (longer examples are truncated and counted; "
+                                      "default: 512, or --context-length when given)")
     packing: bool = _f(False, "pack several examples per sequence (no cross-attention between them)")
     warmup_steps: int = _f(0, "linear warm-up steps")
     scheduler: str = _f("cosine", "cosine, linear or constant decay after warm-up")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms)")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    offload_activations: bool = _f(False, "keep the activations saved for backward in host memory (pinned, "
+                                          "copied back in backward): with --gradient-checkpointing the GPU "
+                                          "holds no layer's activations between forward and backward")
+    context_length: int | None = _f(None, "fine-tune for a context of L tokens: beyond the model's "
+                                          "max_position_embeddings RoPE is scaled (--rope-scaling), the "
+                                          "scaling is saved with the adapter / model; --max-length defaults "
+                                          "to L (default: the model's own context)")
+    rope_scaling: str | None = _f(None, "RoPE scaling for --context-length beyond the pretrained length: "
+                                        "linear, dynamic, yarn or llama3 (default: linear)")
     # LoRA
     r: int = _f(16, "LoRA rank (alias --lora-r: torchrun mistakes a bare --r for its own options)",
                 aliases=("--lora-r",))
@@ -82,6 +92,9 @@ class TrainConfig:
     eval_original_base: bool = _f(False, "qlora: also score the adapter on the original 16/32-bit weights "
                                          "(what `trilora merge --base-weights original` deploys; loads the "
                                          "model once more at the end)")
+    few_shot: int = _f(0, "also score K-shot prompting before training: each test prompt preceded by K examples "
+                          "of the training split (drawn per record by --seed, in the chat template when the "
+                          "tokenizer has one), the baseline beside zero-shot and the fine-tune (0: off)")
     log_every: int = _f(1, "write metrics every N steps")
     seed: int = _f(0, "seed of data order, initialisation and dropout")
     resume: bool = _f(False, "continue the unfinished run in --output-dir from its newest complete checkpoint")
@@ -102,10 +115,24 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {METHODS}")
+        if self.context_length is not None and self.context_length <= 0:
+            raise ValueError(f"context_length must be positive, got {self.context_length}")
+        if self.rope_scaling is not None:
+            from .context import ROPE_TYPES
+            if self.rope_scaling not in ROPE_TYPES:
+                raise ValueError(f"unknown rope_scaling {self.rope_scaling!r}: one of {', '.join(ROPE_TYPES)}")
+            if self.context_length is None:
+                raise ValueError("--rope-scaling needs --context-length L, the context to fine-tune for")
+        if self.max_length is None:
+            self.max_length = self.context_length or 512
+        elif self.context_length is not None and self.max_length > self.context_length:
+            raise ValueError(f"--max-length {self.max_length} exceeds --context-length {self.context_length}: "
+                             "a sequence cannot be longer than the context it is trained for")
         for name in ("batch_size", "grad_accum", "max_length", "r", "log_every", "eval_max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "save_every", "patience", "warmup_steps", "max_skipped_steps"):
+        for name in ("max_steps", "eval_every", "save_every", "patience", "warmup_steps", "max_skipped_steps",
+                     "few_shot"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "alpha"):
@@ -171,7 +198,7 @@ class TrainConfig:
                    "batch_size", "max_length", "packing", "r", "alpha", "dropout",
                    "target_modules", "use_rslora", "dora", "quant_type", "seed", "scheduler", "warmup_steps",
                    "template", "weight_decay", "max_grad_norm", "val_data", "test_data",
-                   "replay_data", "replay", "init_adapter")
+                   "replay_data", "replay", "init_adapter", "context_length", "rope_scaling")
 
 
 # names users bring from HF TrainingArguments / PEFT, mapped to ours (for "did you mean")

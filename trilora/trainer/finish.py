@@ -1,5 +1,6 @@
 """The end of a run, on rank 0: the final weights checked and written, `summary.json`, the plots
-and the console report (the test scores before and after, and which weights they belong to).
+and the console report (the test scores before and after, and which weights they belong to; with
+--few-shot K, zero-shot, K-shot and fine-tuned side by side).
 """
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..lora import load_adapter
+from ..lora import adapter_base_config, load_adapter
 from .evaluate import evaluate_split, format_metrics
 from .loading import load_model
 from .outputs import write_dir, write_json
@@ -26,8 +27,11 @@ def sharded_bytes(model) -> dict:
 
 
 def finish(config, model, trainer, result, out, tokenizer, splits, before, after, metric, higher, classes, task,
-            head, labels, device, dtype, autocast_dtype, model_dir, resumed, write, sharded) -> dict:
-    """Rank 0, at the end: check and write the final weights, the summary, plots and the report."""
+            head, labels, device, dtype, autocast_dtype, model_dir, resumed, write, sharded, few_shot=None) -> dict:
+    """Rank 0, at the end: check and write the final weights, the summary, plots and the report.
+
+    few_shot: the K-shot baseline's scores (`fewshot.evaluate_few_shot`), or None: then the summary's
+    `baselines` is null; else zero-shot (test_before), K-shot and fine-tuned are reported side by side."""
     trainer.check_weights_finite()
     final_dir = out / ("model" if config.method == "full" else "adapter")
     if config.method == "full":
@@ -52,6 +56,8 @@ def finish(config, model, trainer, result, out, tokenizer, splits, before, after
         "test_before": _public(before, metric), "test_after": _public(after, metric),
         "test_after_weights": _scored_weights(config),
         "test_after_original_base": None if original is None else _public(original, metric),
+        "baselines": None if few_shot is None else {"zero_shot": {"k": 0, **_public(before, metric)},
+                                                    "few_shot": few_shot},
         "adapter_dir": str(final_dir) if config.method != "full" else None,
         "model_dir": str(final_dir) if config.method == "full" else None,
         "counts": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
@@ -69,6 +75,12 @@ def finish(config, model, trainer, result, out, tokenizer, splits, before, after
     print(f"test {metric}: {summary['test_before'][metric]:.4f} -> {summary['test_after'][metric]:.4f}; "
           f"test loss {before['loss']:.4f} -> {after['loss']:.4f}; {final_dir.name}/ holds the weights of "
           f"{which}; written to {out}")
+    if few_shot is not None:
+        short = few_shot["prompts_with_fewer_shots"]
+        print(f"test {metric} side by side: zero-shot {before[metric]:.4f} | {few_shot['k']}-shot "
+              f"{few_shot[metric]:.4f} | fine-tuned {after[metric]:.4f}"
+              + (f" ({short} of the {few_shot['generated']} {few_shot['k']}-shot prompts hold fewer shots to fit "
+                 "--max-length)" if short else ""))
     if task != "generate":
         print(format_metrics(after))
     if config.method == "qlora":
@@ -93,7 +105,8 @@ def _score_on_original_base(config, model_dir, adapter_dir, tokenizer, records, 
     """Test scores of the QLoRA adapter on the original 16/32-bit weights."""
     print("evaluating the adapter on the original (unquantized) weights ...", flush=True)
     base = load_model(model_dir, quantize=None, dtype=dtype, device=device, backend=config.kernel_backend,
-                      model_class=model_class(task), head=head, seed=config.seed)
+                      model_class=model_class(task), head=head, seed=config.seed,
+                      config_overrides=adapter_base_config(adapter_dir))
     load_adapter(base, adapter_dir, backend=config.kernel_backend)
     try:
         return evaluate_split(base.eval(), tokenizer, records, config, device, autocast_dtype, labels, task)

@@ -1,4 +1,4 @@
-"""The run's pictures: the loss curve and the confusion matrix, as PNG files written atomically."""
+"""The pictures: a run's loss curve and confusion matrix, a sweep's trials; PNG files written atomically."""
 from __future__ import annotations
 
 import os
@@ -46,6 +46,45 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_sweep(trials: list[dict], metric: str, path: Path) -> None:
+    """A sweep as a PNG: left, the metric of each completed trial (the best starred); right, every
+    trial's validation loss against step (pruned trials dashed, ending where they were stopped).
+    `trials`: rows of `trainer.sweep.trial_rows` ("trial", "status", "value", "val_curve", "best")."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    done = [(i, r) for i, r in enumerate(trials) if r["value"] is not None]
+    if done:
+        left.plot([i for i, _ in done], [r["value"] for _, r in done], "o", label="complete")
+    for i, r in done:
+        if r["best"]:
+            left.plot([i], [r["value"]], "*", markersize=16, label=f"best: {r['trial']}")
+    left.set_xticks(range(len(trials)), [r["trial"].removeprefix("trial-") for r in trials],
+                    rotation=90 if len(trials) > 20 else 0)
+    left.set_xlabel("trial")
+    left.set_ylabel(metric)
+    left.grid(alpha=0.3)
+    if done:
+        left.legend()
+    for r in trials:
+        if r["val_curve"]:
+            style = "--" if r["status"] == "pruned" else "-"
+            right.plot(*zip(*r["val_curve"]), style, marker=".", linewidth=2.5 if r["best"] else 1,
+                       label=f"{r['trial']} ({r['status']})")
+    right.set_xlabel("step")
+    right.set_ylabel("validation loss")
+    right.grid(alpha=0.3)
+    if any(r["val_curve"] for r in trials) and len(trials) <= 12:
+        right.legend(fontsize="small")
     fig.tight_layout()
     tmp = path.with_name(f".tmp-{path.name}")
     fig.savefig(tmp, dpi=100, format="png")
