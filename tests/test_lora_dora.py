@@ -144,6 +144,18 @@ def test_op_against_float64_and_its_checks():
         dora_linear(x, w, A, B, 1.5, m[:5], backend="torch")
 
 
+def _op_inputs(seed, lead, n_out, n_in, r, quantized):
+    """(weight, quant_state or None, x [*lead, in], A, B, magnitude, bias): random, W NF4-packed when `quantized`."""
+    from trilora.quant import quantize_4bit
+    g = torch.Generator().manual_seed(seed)
+    w, qs = torch.randn(n_out, n_in, generator=g), None
+    if quantized:
+        w, qs = quantize_4bit(w, "nf4", 64, True, backend="torch")
+    x = torch.randn(*lead, n_in, generator=g)
+    A, B = torch.randn(r, n_in, generator=g) * 0.2, torch.randn(n_out, r, generator=g) * 0.2
+    return w, qs, x, A, B, torch.rand(n_out, generator=g) + 0.5, torch.randn(n_out, generator=g)
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_triton_path_equals_the_reference(quantized, p):
@@ -151,16 +163,7 @@ def test_triton_path_equals_the_reference(quantized, p):
     with dropout (x − x̃) Wᵀ + (m/n)(x̃ Wᵀ + s x̃ AᵀBᵀ)) equals the reference: outputs and the
     gradients of x, A, B and m, on odd shapes with a rank that is no power of two."""
     from trilora.kernels.lora.dora import base_sq_norm, dense_weight, dora_weight_norm, dora_weight_norm_lowrank
-    from trilora.quant import quantize_4bit
-    g = torch.Generator().manual_seed(5)
-    n_out, n_in, r = 40, 72, 3
-    w = torch.randn(n_out, n_in, generator=g)
-    qs = None
-    if quantized:
-        w, qs = quantize_4bit(w, "nf4", 64, True, backend="torch")
-    x = torch.randn(2, 7, n_in, generator=g)
-    A, B = torch.randn(r, n_in, generator=g) * 0.2, torch.randn(n_out, r, generator=g) * 0.2
-    m, bias = torch.rand(n_out, generator=g) + 0.5, torch.randn(n_out, generator=g)
+    w, qs, x, A, B, m, bias = _op_inputs(5, (2, 7), 40, 72, 3, quantized)
     dense = dense_weight(w, qs, torch.float32)
     sq = base_sq_norm(w, qs)
     assert max_diff(dora_weight_norm_lowrank(w, qs, A, B, 1.7, sq, "triton"), dora_weight_norm(dense, A, B, 1.7)) < 1e-4
@@ -185,17 +188,8 @@ def test_triton_epilogue_rescale_against_float64(monkeypatch, quantized):
 
     from trilora.kernels import backend as kernel_backend
     from trilora.kernels.lora.dora import dense_weight
-    from trilora.quant import quantize_4bit
     monkeypatch.setattr(kernel_backend, "_empty", poison)
-    g = torch.Generator().manual_seed(11)
-    n_out, n_in, r = 37, 64, 5
-    w = torch.randn(n_out, n_in, generator=g)
-    qs = None
-    if quantized:
-        w, qs = quantize_4bit(w, "nf4", 64, True, backend="torch")
-    x = torch.randn(3, 11, n_in, generator=g)
-    A, B = torch.randn(r, n_in, generator=g) * 0.2, torch.randn(n_out, r, generator=g) * 0.2
-    m, bias = torch.rand(n_out, generator=g) + 0.5, torch.randn(n_out, generator=g)
+    w, qs, x, A, B, m, bias = _op_inputs(11, (3, 11), 37, 64, 5, quantized)
     m[4] = 0.0
     leaves = [t.clone().requires_grad_() for t in (x, A, B, m, bias)]
     y = dora_linear(leaves[0], w, leaves[1], leaves[2], 1.3, leaves[3], leaves[4], quant_state=qs, backend="triton")
@@ -203,7 +197,7 @@ def test_triton_epilogue_rescale_against_float64(monkeypatch, quantized):
     W = dense_weight(w, qs, torch.float32).double() + 1.3 * B64 @ A64
     ref = (m64 / torch.linalg.norm(W, dim=1).detach()) * (x64 @ W.t()) + b64
     assert max_diff(y, ref) < 1e-4
-    dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     (y * dy.float()).sum().backward()
     (ref * dy).sum().backward()
     for ours, want in zip(leaves, (x64, A64, B64, m64, b64)):

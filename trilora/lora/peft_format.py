@@ -97,9 +97,27 @@ def base_quantization(model: nn.Module) -> dict | None:
     return {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
 
 
+def _adapter_files(path: str | os.PathLike) -> tuple[str, str]:
+    """(config file, weights file) of an adapter directory; FileNotFoundError for a missing
+    directory / config / weights file, ValueError for a pickle-only adapter."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter directory {path!r} does not exist")
+    config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path!r} has no {CONFIG_NAME}: not a PEFT adapter directory")
+    if not os.path.isfile(weights_file):
+        if os.path.isfile(os.path.join(path, PICKLE_NAME)):
+            raise ValueError(f"{path!r} holds {PICKLE_NAME}, a pickle file: trilora refuses to unpickle "
+                             "(it can run arbitrary code); re-save the adapter as safetensors, e.g. with "
+                             "PeftModel.save_pretrained(dir, safe_serialization=True)")
+        raise FileNotFoundError(f"{path!r} has no {WEIGHTS_NAME}")
+    return config_file, weights_file
+
+
 def _metadata(path: str | os.PathLike, key: str) -> str | None:
     """One entry of an adapter weights file's safetensors header (trilora's notes beside PEFT's)."""
-    with open_safetensors(os.path.join(os.fspath(path), WEIGHTS_NAME)) as f:
+    with open_safetensors(_adapter_files(path)[1]) as f:
         return (f.metadata() or {}).get(key)
 
 
@@ -179,18 +197,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     Raises FileNotFoundError for a missing directory / config / weights file, and ValueError
     for a pickle-only adapter (adapter_model.bin), a malformed config or another method.
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"adapter directory {path!r} does not exist")
-    config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path!r} has no {CONFIG_NAME}: not a PEFT adapter directory")
-    if not os.path.isfile(weights_file):
-        if os.path.isfile(os.path.join(path, PICKLE_NAME)):
-            raise ValueError(f"{path!r} holds {PICKLE_NAME}, a pickle file: trilora refuses to unpickle "
-                             "(it can run arbitrary code); re-save the adapter as safetensors, e.g. with "
-                             "PeftModel.save_pretrained(dir, safe_serialization=True)")
-        raise FileNotFoundError(f"{path!r} has no {WEIGHTS_NAME}")
+    config_file, weights_file = _adapter_files(path)
     try:
         with open(config_file, encoding="utf-8") as f:
             data = json.load(f)

@@ -193,7 +193,7 @@ class TrainConfig:
 
     # the settings that must match for --resume to continue a run (not its length or logging);
     # grad_accum may change with the number of processes, as long as the global batch
-    # (batch_size x grad_accum x processes) stays: `loop.resume_point` checks that
+    # (batch_size x grad_accum x processes) stays: `checkpoint.resume_point` checks that
     RESUME_KEYS = ("model", "method", "task", "class_weights", "data", "mix_weights", "data_format", "split", "lr",
                    "batch_size", "max_length", "packing", "r", "alpha", "dropout",
                    "target_modules", "use_rslora", "dora", "quant_type", "seed", "scheduler", "warmup_steps",

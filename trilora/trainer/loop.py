@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, checkpoint_paths, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                         save_checkpoint, seal_checkpoint, verify_checkpoint)
+                         read_metrics, resume_point, save_checkpoint, seal_checkpoint)
 from .config import TrainConfig
 from .context import activation_context
 from .evaluate import NonFiniteError, evaluate_loss
@@ -368,24 +368,6 @@ def _input_tokens(batch: dict) -> int:
     return batch["input_ids"].numel()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a torn last line (a write cut short) is dropped, a broken
-    line before the last is an error naming the file and line."""
-    lines = path.read_text().splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: dropped its last line, cut short by an interrupted write")
-                break
-            raise CheckpointError(f"{path}, line {i + 1}: not a JSON record ({err}); fix or remove the line") from None
-    return records
-
-
 @contextlib.contextmanager
 def _stop_signals(trainer: Trainer):
     """SIGINT/SIGTERM ask the trainer to stop after the current step (a second SIGINT aborts)."""
@@ -406,32 +388,3 @@ def _stop_signals(trainer: Trainer):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def resume_point(output_dir: Path, config: TrainConfig) -> Path | None:
-    """The newest checkpoint in `output_dir`, verified intact and made with `config`'s settings
-    (those in `TrainConfig.RESUME_KEYS`); None when there is none. Raises CheckpointError."""
-    path = latest_checkpoint(output_dir)
-    if path is None:
-        return None
-    verify_checkpoint(path)
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-        saved = state["config"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{path / 'trainer_state.json'} is not a trilora trainer state: {err}") from None
-    now = config.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in TrainConfig.RESUME_KEYS if saved.get(k) != now.get(k)]
-    # the global batch may be split over another number of processes (a resume on more or fewer GPUs)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    saved_world, saved_accum = state.get("world_size", 1), saved.get("grad_accum", now["grad_accum"])
-    per_step = saved_accum * saved_world
-    if now["grad_accum"] * world != per_step:
-        fix = (f"--grad-accum {per_step // world}" if per_step % world == 0 else
-               f"a number of processes that divides {per_step}")
-        changed.append(f"micro-batches per step (grad_accum x processes): {saved_accum} x {saved_world} -> "
-                       f"{now['grad_accum']} x {world}, keep {per_step} with {fix}")
-    if changed:
-        raise CheckpointError(f"cannot resume from {path}: it was made with different settings "
-                              f"({'; '.join(changed)}); use the same settings, or another --output-dir")
-    return path

@@ -33,7 +33,8 @@ from .sharded_checkpoint import is_sharded_dir, load_sharded as load_sharded_wei
 from .sharded_loading import load_sharded
 from .sharding import check_can_shard, full_trainable, shard_model
 from .loading import check_model_dir, load_model, load_tokenizer
-from .loop import Trainer, resume_point
+from .checkpoint import resume_point
+from .loop import Trainer
 from .outputs import RunLock, claim
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
@@ -118,7 +119,8 @@ def is_main() -> bool:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str = "generate", head: dict | None = None):
+def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str = "generate", head: dict | None = None,
+                config_overrides: dict | None = None):
     """The model to train: full (every weight), LoRA on a 16/32-bit base, or QLoRA on NF4/FP4;
     a causal LM, or a classification / tagging model with a new head (`head`: its config).
 
@@ -128,7 +130,9 @@ def build_model(config: TrainConfig, model_dir: Path, device, dtype, task: str =
     that needs new weights initialised (a task head), an adapter to continue or a GGUF file
     is built in host memory first, then sharded (`sharding.shard_model`), and says so."""
     quantize = config.quant_type if config.method == "qlora" else None
-    overrides, _ = context_settings(config, model_dir)  # --context-length: RoPE scaling set before the build
+    overrides = config_overrides  # --context-length: RoPE scaling set before the build (`context_settings`)
+    if overrides is None:
+        overrides, _ = context_settings(config, model_dir)
     adapt = functools.partial(_adapt, config, model_dir=model_dir, task=task, device=device)
     host_reason = _host_build_reason(config, model_dir, task) if config.fsdp else None
     if config.fsdp and host_reason is None:
@@ -316,7 +320,7 @@ def _train(config: TrainConfig, out: Path) -> dict:
     val_batches = (loss_batches(splits.validation, tokenizer, config, task, label2id)
                    if splits.validation else None)
 
-    model = build_model(config, model_dir, device, dtype, task, head)  # with --fsdp: sharded
+    model = build_model(config, model_dir, device, dtype, task, head, overrides)  # with --fsdp: sharded
     if is_main():
         from ..lora import trainable_summary
         print(trainable_summary(model) if config.method != "full" else

@@ -41,7 +41,8 @@ import yaml
 
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
-from .loop import TrainingStopped, on_validation, read_metrics
+from .checkpoint import read_metrics
+from .loop import TrainingStopped, on_validation
 from .outputs import OutputDirError, RunLock, existing_results, write_json, write_text
 from .run import train
 from .sweep_spec import (METRICS, SAMPLERS, SWEEP_OWNED, MetricMissing, OptunaMissing, Searched,  # noqa: F401
