@@ -146,9 +146,16 @@ def write_dir(write: Callable[[Path], None], path: Path) -> None:
     """write(dir) into a temporary sibling, then swap it in: a kill never leaves a half-written
     `path` (at worst the previous one, under .old-<name>, which the next run removes)."""
     path = Path(path)
-    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    tmp = path.with_name(f".tmp-{path.name}")
     remove(tmp)
     write(tmp)
+    swap_in(tmp, path)
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Put the complete directory `tmp` in `path`'s place (the previous one, if any, moved to
+    .old-<name> first and removed after), and fsync the rename."""
+    old = path.with_name(f".old-{path.name}")
     if path.exists():
         remove(old)
         os.rename(path, old)

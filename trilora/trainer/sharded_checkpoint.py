@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .outputs import fsync_dir
-from .sharding import reshard_all
+from .outputs import remove, swap_in
+from .sharding import local, reshard_all
 
 SHARDED = "sharded"  # the sharded weights' directory inside a checkpoint
 GROUPS = "optimizer_groups.json"  # the optimizer's param groups and non-tensor state (rank 0)
@@ -96,13 +95,13 @@ def _json_value(value):
 
 
 def write_sharded_dir(model: nn.Module, path: Path) -> None:
-    """`outputs.write_dir` for a DCP directory: every rank writes into a temp sibling, then
+    """`outputs.write_dir` for sharded weights: every rank writes into a temp sibling, then
     rank 0 swaps it in (a kill leaves the previous `path`, or nothing half-written)."""
     path = Path(path)
-    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    tmp = path.with_name(f".tmp-{path.name}")
     main = not dist.is_initialized() or dist.get_rank() == 0
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
     _barrier()
     save_sharded(tmp, model)
     _barrier()
@@ -110,12 +109,7 @@ def write_sharded_dir(model: nn.Module, path: Path) -> None:
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(path.parent)
+        swap_in(tmp, path)
     _barrier()
 
 
@@ -127,19 +121,15 @@ def is_sharded_dir(path: Path) -> bool:
 def all_finite(model: nn.Module) -> list[str]:
     """Names of the trainable parameters holding NaN/Inf on any rank, each rank checking its
     own shards (a collective under FSDP: every rank gets the same answer)."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
-    bad = torch.tensor([0 if torch.isfinite(_local(p)).all() else 1 for _, p in model.named_parameters()
-                        if p.requires_grad], dtype=torch.float32)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    names = [name for name, _ in trainable]
+    bad = torch.tensor([0.0 if torch.isfinite(local(p)).all() else 1.0 for _, p in trainable])
     if dist.is_initialized():
         device = next(model.parameters()).device
         bad = bad.to(device)
         dist.all_reduce(bad)
         bad = bad.cpu()
     return [n for n, b in zip(names, bad.tolist()) if b > 0]
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _barrier() -> None:
