@@ -43,14 +43,29 @@ def cast(proj: Projection, dtype: torch.dtype, grad: bool = True) -> Projection:
         weight, qs = dense_weight(proj, dtype), None
     else:
         weight, qs = proj.weight, proj.quant_state
-    return Projection(weight, qs, leaf(proj.lora_A), leaf(proj.lora_B), proj.scaling, leaf(proj.bias))
+    return Projection(weight, qs, leaf(proj.lora_A), leaf(proj.lora_B), proj.scaling, leaf(proj.bias),
+                      leaf(proj.magnitude) if proj.magnitude is None or dtype == torch.float64 else
+                      proj.magnitude.detach().clone().requires_grad_(grad),  # m keeps its dtype (fp32)
+                      proj.weight_sq)
+
+
+def with_dora(proj: Projection, seed: int = 0, keep_weight_sq: bool = True) -> Projection:
+    """`proj` with a DoRA magnitude m = ‖W + s·BA‖ · U(1, 1.3) per row (fp32, so the rescale
+    m/n is not 1) and, when `keep_weight_sq`, its base's ‖W‖² as a layer keeps it."""
+    from trilora.kernels.lora.dora_math import base_sq_norm, dora_weight_norm
+    g = torch.Generator().manual_seed(500 + seed)
+    w = dense_weight(proj, torch.float32)
+    norm = dora_weight_norm(w, proj.lora_A.float(), proj.lora_B.float(), proj.scaling)
+    m = (norm.cpu() * (1 + 0.3 * torch.rand(norm.shape, generator=g))).to(DEV)
+    sq = base_sq_norm(proj.weight, proj.quant_state) if keep_weight_sq else None
+    return Projection(proj.weight, proj.quant_state, proj.lora_A, proj.lora_B, proj.scaling, proj.bias, m, sq)
 
 
 def grads_of(outs, x: torch.Tensor, projs, dys) -> dict:
     """{name: tensor} of the outputs and the gradients of x and every adapter/bias tensor."""
     names, inputs = ["dx"], [x]
     for i, p in enumerate(projs):
-        for what, t in zip(("dA", "dB", "dbias"), p.trainables()):
+        for what, t in zip(("dA", "dB", "dbias", "dm"), p.trainables()):
             if t is not None and t.requires_grad:
                 names.append(f"{what}{i}")
                 inputs.append(t)

@@ -224,15 +224,35 @@ def test_trainer_flag_trains_a_dora_adapter_peft_loads(tmp_path):
     assert max_diff(logits(merged, ids), logits(loaded.eval(), ids)) < 1e-4
 
 
-def test_patch_leaves_dora_projections_to_their_layers():
-    """trilora.patch's fused blocks run plain LoRA: blocks with DoRA projections are skipped and
-    reported, and the model computes what it computed before."""
+def test_patch_fuses_dora_blocks_without_dropout():
+    """trilora.patch's fused q/k/v and MLP blocks take DoRA projections without dropout: on the
+    Triton path (interpreter) the patched model's logits and the gradients of A, B and every
+    magnitude are PEFT's. A DoRA adapter with dropout keeps its block's HF module, reported."""
     from trilora.patching import patch
-    ours, _ = _pair("llama")
-    want = logits(ours)
-    report = patch(ours, backend="torch", warn=False)
-    assert "DoRA" in str(report)
-    assert max_diff(logits(ours), want) < 1e-5
+    ours, theirs = _pair("llama")
+    report = patch(ours, backend="triton", warn=False)
+    assert report.count("mlp") == 2 and report.count("attention") == 2 and not report.skipped, str(report)
+    ids = input_ids()
+    a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert max_diff(a, b) < 1e-4
+    a.square().mean().backward()
+    b.square().mean().backward()
+    mine = dict(ours.named_parameters())
+    mags = 0
+    for n, p in theirs.named_parameters():
+        if p.grad is not None:
+            tol = 1e-4 * max(1.0, p.grad.abs().max().item())
+            assert max_diff(mine[n.removeprefix("base_model.model.")].grad, p.grad) <= tol, n
+            mags += "lora_magnitude_vector" in n
+    assert mags == 6  # q, v and down of both layers
+
+    dropped = add_lora(twin(tiny("llama")), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"],
+                                                       use_dora=True, dropout=0.1), backend="torch")
+    want = logits(dropped.eval())
+    report = patch(dropped, backend="torch", warn=False)
+    assert sorted(kind for _, kind, _ in report.skipped) == ["attention", "attention", "mlp", "mlp"]
+    assert all("DoRA adapter with dropout" in why for _, _, why in report.skipped)
+    assert max_diff(logits(dropped), want) < 1e-5
 
 
 def test_dora_learns_at_least_as_well_as_lora(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 from _blocks import FP32_TOL, check, rel_err
-from _lora_blocks import DEV, cast, grads_of, make_projection
+from _lora_blocks import DEV, cast, grads_of, make_projection, with_dora
 from transformers import GemmaConfig, LlamaConfig
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -58,9 +58,9 @@ def check_all(x, projs, dy, act, p=0.0, seed=11, backend="triton"):
     ref = run(x, projs, dy, act, p, seed, dtype=torch.float64)
     base = run(x, projs, dy, act, p, seed, backend="torch") if x.dtype != torch.float32 else ours
     assert ours.keys() == ref.keys()
-    for name in ref:
-        assert ours[name].dtype == x.dtype, name
-        check(ours[name], ref[name], base[name], name)
+    for name in ref:  # a DoRA magnitude's gradient has m's dtype (fp32: `with_dora`)
+        assert ours[name].dtype == (torch.float32 if name.startswith("dm") else x.dtype), name
+        check(ours[name], ref[name], base[name], name, dtype=x.dtype)
     return ours
 
 
@@ -102,6 +102,34 @@ def test_in_loop_unpack(p):
     """hidden 64, intermediate 96: every 4-bit base is unpacked inside the K-loops (no buffer)."""
     x, dy = inputs(torch.float32, seed=3, hidden=64)
     check_all(x, make_mlp((3, 8, 3), bias=True, quant=("nf4", True, 32), hidden=64, inter=96), dy, "silu", p)
+
+
+@pytest.mark.parametrize("act,dtype,quant,dora", [
+    ("silu", torch.float32, None, (True, False, True)),
+    ("gelu_tanh", torch.float32, ("nf4", True, 32), (False, True, False)),
+    ("silu", torch.float16, ("nf4", True, 64), (True, True, True)),
+])
+def test_dora_projections_match_fp64_reference(act, dtype, quant, dora):
+    """DoRA gate/up/down in every combination the backward treats apart (a DoRA gate or up
+    keeps [g | u] for its dm; a DoRA down keeps the output): outputs and every gradient."""
+    x, dy = inputs(dtype, seed=5)
+    projs = [with_dora(p, i, keep_weight_sq=i != 1) if d else p
+             for i, (p, d) in enumerate(zip(make_mlp((3, 8, 5), dtype, True, quant, seed=8), dora))]
+    got = check_all(x, projs, dy, act)
+    assert {f"dm{i}" for i, d in enumerate(dora) if d} <= got.keys()
+
+
+def test_dora_saves_its_output_only_for_down():
+    """DoRA adds the block's output [tokens, H] to what it saves when down is DoRA, nothing when
+    only gate/up are (their outputs are recomputed in backward anyway)."""
+    x, _ = inputs(torch.float32)
+    x.requires_grad_()
+    plain = [cast(p, torch.float32) for p in make_mlp((3, 8, 3))]
+    gate_up = [cast(with_dora(p, i), torch.float32) if i < 2 else p for i, p in enumerate(plain)]
+    down = plain[:2] + [cast(with_dora(plain[2], 2), torch.float32)]
+    base = _saved_numel(lambda: lora_mlp(x, *plain, backend="triton"))
+    assert _saved_numel(lambda: lora_mlp(x, *gate_up, backend="triton")) == base
+    assert _saved_numel(lambda: lora_mlp(x, *down, backend="triton")) == base + x.numel()
 
 
 def _saved_numel(fn) -> int:
@@ -164,5 +192,7 @@ def test_input_errors():
         lora_mlp(x, gate, up, down, act="relu", backend="triton")
     with pytest.raises(ValueError, match="down"):
         lora_mlp(x, gate, up, make_projection(HIDDEN, INTER + 1, 3), backend="triton")
+    with pytest.raises(ValueError, match="down: a DoRA projection takes dropout_p = 0"):
+        lora_mlp(x, gate, up, with_dora(down), dropout_p=0.1, backend="triton")
     with pytest.raises(ValueError, match="one out size"):
         lora_mlp(x, gate, make_projection(INTER + 2, HIDDEN, 3), down, backend="triton")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 from _blocks import FP32_TOL, check, rel_err
-from _lora_blocks import DEV, cast, grads_of, make_projection
+from _lora_blocks import DEV, cast, grads_of, make_projection, with_dora
 
 from trilora.kernels.lora import Projection, lora_dropout_mask, lora_projections, lora_projections_ref, lora_qkv
 from trilora.lora import LoraLinear
@@ -55,9 +55,9 @@ def check_all(x, projs, dys, p=0.0, seed=7, backend="triton"):
     ref = run(x, projs, dys, p, seed, dtype=torch.float64)
     base = run(x, projs, dys, p, seed, backend="torch") if x.dtype != torch.float32 else ours
     assert ours.keys() == ref.keys()
-    for name in ref:
-        assert ours[name].dtype == x.dtype, name
-        check(ours[name], ref[name], base[name], name)
+    for name in ref:  # a DoRA magnitude's gradient has m's dtype (fp32: `with_dora`)
+        assert ours[name].dtype == (torch.float32 if name.startswith("dm") else x.dtype), name
+        check(ours[name], ref[name], base[name], name, dtype=x.dtype)
     return ours
 
 
@@ -75,6 +75,29 @@ CASES = [  # (dtype, ranks, bias, quant of q/k/v, dropout p)
 def test_matches_fp64_reference(dtype, ranks, bias, quant, p):
     x, dys = inputs(dtype, seed=len(ranks))
     check_all(x, make_qkv(ranks, dtype, bias, quant, seed=3), dys, p)
+
+
+@pytest.mark.parametrize("dtype,quant", [(torch.float32, None), (torch.float32, ("nf4", True, 32)),
+                                         (torch.float16, ("fp4", False, 64))])
+def test_dora_projections_match_fp64_reference(dtype, quant):
+    """DoRA q (its ‖W‖² kept, as a layer keeps it) and v (computed per call), k without
+    adapter: outputs, dX, dA, dB, dbias and the magnitudes' gradients."""
+    x, dys = inputs(dtype, seed=4)
+    q, k, v = make_qkv((8, 0, 3), dtype, True, (quant,) * 3, seed=9)
+    got = check_all(x, [with_dora(q, 0), k, with_dora(v, 1, keep_weight_sq=False)], dys)
+    assert {"dm0", "dm2"} <= got.keys()
+
+
+def test_dora_zero_magnitude_and_in_loop_unpack(monkeypatch):
+    """A magnitude with zeros (z cannot be read back from y: recomputed) over 4-bit bases
+    unpacked in the K-loop (hidden 64), outputs poisoned: still the float64 reference."""
+    from test_lora_linear import poison
+    monkeypatch.setattr(kernel_backend, "_empty", poison)
+    x, dys = inputs(torch.float32, seed=5, hidden=64)
+    q, k, v = make_qkv((5, 3, 0), bias=True, quant=(("nf4", True, 32),) * 3, seed=4, hidden=64)
+    q, k = with_dora(q, 2), with_dora(k, 3)
+    q.magnitude[::3] = 0.0
+    check_all(x, [q, k, v], dys)
 
 
 def test_torch_backend_and_strided_input():
@@ -174,5 +197,9 @@ def test_input_errors():
         lora_projections(x, [q, k, v, v], backend="triton")
     with pytest.raises(ValueError, match="seed"):
         lora_qkv(x, q, k, v, dropout_p=0.1, backend="triton", seed=-1)
+    with pytest.raises(ValueError, match="projection 0: a DoRA projection takes dropout_p = 0"):
+        lora_qkv(x, with_dora(q), k, v, dropout_p=0.1, backend="triton")
+    with pytest.raises(ValueError, match=r"projection 2: magnitude must be a float tensor of shape \(24,\)"):
+        lora_qkv(x, q, k, Projection(v.weight, None, v.lora_A, v.lora_B, magnitude=torch.ones(23)), backend="triton")
     with pytest.raises(ValueError, match="frozen"):
         lora_qkv(x, Projection(q.weight.clone().requires_grad_(), None, q.lora_A, q.lora_B), k, v, backend="triton")

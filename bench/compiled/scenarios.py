@@ -74,15 +74,35 @@ def _dora_linear(m, k, n, quant):
     y.backward(torch.empty_like(y))
 
 
-def _block(m, kind, quant, p=0.0):
+@contextlib.contextmanager
+def steady_rescales():
+    """DoRA's `Rescale.of` compiled as it runs, its values then replaced by ones: no kernel runs
+    under the stand-in driver, so the norms would be whatever memory held (and the backward's
+    c == 0 branch, which compiles one more GEMM, would come and go between runs)."""
+    from trilora.kernels.lora.dora_math import Rescale
+    real = Rescale.of
+
+    def of(*args, **kwargs):
+        c = real(*args, **kwargs).col_scale
+        return Rescale(torch.ones_like(c), torch.ones_like(c))
+    Rescale.of = staticmethod(of)
+    try:
+        yield
+    finally:
+        Rescale.of = staticmethod(real)
+
+
+def _block(m, kind, quant, p=0.0, dora=False):
     from trilora.kernels.lora import Projection
     from trilora.kernels.lora.mlp import LoRAMLPFunction
     from trilora.kernels.lora.projections import LoRAProjectionsFunction
 
     def proj(n_out, k_in):
         w, qs = (torch.empty(n_out, k_in, dtype=BF16), None) if quant is None else nf4_state(n_out, k_in)
+        mag = torch.ones(n_out, requires_grad=True) if dora else None
         return Projection(w, qs, torch.empty(RANK, k_in, dtype=BF16, requires_grad=True),
-                          torch.empty(n_out, RANK, dtype=BF16, requires_grad=True), 2.0)
+                          torch.empty(n_out, RANK, dtype=BF16, requires_grad=True), 2.0, None, mag,
+                          torch.ones(n_out) if dora else None)
     x = torch.empty(m, H, dtype=BF16, requires_grad=True)
     if kind == "qkv":
         projs = (proj(H, H), proj(KV, H), proj(KV, H))
@@ -134,6 +154,9 @@ def lora_scenarios():
             yield f"lora_qkv {quant or 'bf16'} M={m} p=0.1", lambda m=m, q=quant: _block(m, "qkv", q, 0.1)
     yield f"lora_mlp nf4-dq M={TRAIN_M} p=0.1", lambda: _block(TRAIN_M, "mlp", "nf4-dq", 0.1)
     yield f"lora_mlp nf4-dq M={SMALL_M} p=0.0", lambda: _block(SMALL_M, "mlp", "nf4-dq", 0.0)
+    # DoRA in the blocks: the rescale in the epilogue of the in-loop unpack (and the norm's W Aᵀ)
+    yield f"lora_mlp dora nf4-dq M={SMALL_M} p=0.0", lambda: _with(steady_rescales(), _block, SMALL_M, "mlp",
+                                                                   "nf4-dq", 0.0, True)
     for quant in (None, "nf4-dq"):
         yield (f"dora_linear {quant or 'bf16'} M={TRAIN_M} {H}->{H} (epilogue rescale)",
                lambda q=quant: _dora_linear(TRAIN_M, H, H, q))
@@ -174,7 +197,7 @@ def block_scenarios():
     m = TRAIN_M
     for act in GLU.ACTIVATIONS:  # the LoRA MLP's [g | u] halves, its backward in place
         yield f"glu fwd {act}", lambda act=act: MLP._glu_forward(e(m, 2 * INTER), act)
-        yield f"glu bwd {act}", lambda act=act: MLP._glu_backward_(e(m, INTER), e(m, 2 * INTER), act)
+        yield f"glu bwd {act}", lambda act=act: MLP._glu_backward(e(m, INTER), e(m, 2 * INTER), act, True)
     # swiglu() on two contiguous tensors (one long row)
     yield "swiglu fwd", lambda: GLU.glu_forward(e(m, INTER), e(m, INTER), "silu")
     yield "swiglu bwd", lambda: GLU.glu_backward(e(m, INTER), e(m, INTER), e(m, INTER), "silu")

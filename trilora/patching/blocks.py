@@ -36,8 +36,8 @@ def unsupported_projection(module: nn.Module) -> str | None:
     if isinstance(module, LoraLinear):
         if module.fan_in_fan_out:
             return "LoRA over a Conv1D base"
-        if any(s.use_dora for s in module.settings.values()):
-            return "a DoRA adapter (the fused blocks run plain LoRA)"
+        if any(s.use_dora and s.dropout > 0 for s in module.settings.values()):
+            return "a DoRA adapter with dropout (the fused blocks take DoRA without dropout)"
         base = module.base_layer
     else:
         base = module
@@ -82,7 +82,11 @@ def projections_of(modules, x: torch.Tensor) -> tuple[torch.Tensor, list[Project
             continue
         ps.add(lora.dropout if lora.training else 0.0)
         A, B = lora.adapter_weights()
-        projs.append(Projection(weight, qs, A.to(dtype), B.to(dtype), lora.scaling, bias))
+        magnitude = weight_sq = None
+        if lora.use_dora:
+            magnitude = lora.lora_magnitude_vector[lora.active_adapter].weight
+            weight_sq = lora.base_sq_norm(x.device)  # cached by the layer: the frozen part of the norm
+        projs.append(Projection(weight, qs, A.to(dtype), B.to(dtype), lora.scaling, bias, magnitude, weight_sq))
     if len(ps) > 1:
         raise ValueError(f"the adapters of one block must share one active dropout p, got {sorted(ps)} "
                          "(are some of them in eval mode?)")

@@ -3,7 +3,8 @@ LoRA MLP block, on one engine (`engine.py`: the base-weight operand and the laun
 
 Modules: `dropout` (the mask, drawn once, kept as bits) · `configs` (tiles, regime switches) ·
 `gemm_kernels` / `side_kernels` (Triton) · `engine` · `linear` · `projections` · `mlp` ·
-`checks` (input validation) · `dora` (DoRA linear; the PyTorch reference so far).
+`checks` (input validation) · `dora` (DoRA linear) · `dora_math` (DoRA's norm, reference and
+rescale backward, shared with the blocks).
 """
 from .dora import dora_linear, dora_linear_ref
 from .dropout import lora_dropout_mask

@@ -91,6 +91,16 @@ def autocast_and_check(x, weight, lora_A, lora_B, scaling, bias, dropout_p, quan
     return x, weight, lora_A, lora_B, bias
 
 
+def check_magnitude(magnitude, out_features: int, device: torch.device) -> None:
+    """Raise ValueError unless `magnitude` (DoRA's m) is a float [out_features] tensor on `device`."""
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (out_features,) \
+            or not magnitude.is_floating_point():
+        got = tuple(magnitude.shape) if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__
+        raise ValueError(f"magnitude must be a float tensor of shape ({out_features},) [out], got {got}")
+    if magnitude.device != device:
+        raise ValueError(f"magnitude is on {magnitude.device}, x on {device}: they must be on one device")
+
+
 def check_frozen(*weights: torch.Tensor) -> None:
     """The fused ops compute no gradient for base weights: refuse one that asks for it."""
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):

@@ -26,6 +26,10 @@ Activations: "silu" (SwiGLU: Llama, Mistral, Qwen2) and "gelu_tanh" (GeGLU with 
 approximation: Gemma's gelu_pytorch_tanh): the GLU kernels of `../glu.py`, run on the two
 halves of the [g | u] buffer.
 Dropout: gate and up share one keep-mask over x (`projections.py`), down has its own over h (seed+1).
+DoRA projections (dropout 0): their rescale rides in their GEMMs' epilogues (`projections.py`);
+the block then also keeps its output when down is DoRA (dm needs it), and when gate or up is
+DoRA the backward writes [dg | du] into a new [M, 2I] buffer instead of over [g | u], which their
+dm needs.
 
 Reading order: reference → launchers → autograd Function → `lora_mlp`.
 """
@@ -38,7 +42,7 @@ from ..glu import ACTIVATIONS, glu_backward, glu_forward, glu_ref
 from .checks import check_frozen
 from .dropout import lora_dropout_mask, resolve_seed
 from .engine import output
-from .projections import (Projection, Saved, autocast_projections, check_projection,
+from .projections import (TRAINABLES, Projection, Saved, autocast_projections, check_projection,
                           projection_ref, projections_backward, projections_forward, wants_grad)
 
 
@@ -60,11 +64,12 @@ def _glu_forward(gu: torch.Tensor, act: str) -> torch.Tensor:
     return glu_forward(gu[:, :n], gu[:, n:], act, out=output((gu.shape[0], n), gu.dtype, gu.device))
 
 
-def _glu_backward_(dh: torch.Tensor, gu: torch.Tensor, act: str) -> torch.Tensor:
-    """In place: gu = [g | u] becomes [d_gate | d_up] from dh [M, I]; returns gu."""
+def _glu_backward(dh: torch.Tensor, gu: torch.Tensor, act: str, in_place: bool) -> torch.Tensor:
+    """[d_gate | d_up] [M, 2I] from dh [M, I] and gu = [g | u]: written over gu when `in_place`."""
     n = dh.shape[1]
-    glu_backward(dh, gu[:, :n], gu[:, n:], act, out=(gu[:, :n], gu[:, n:]))
-    return gu
+    dgu = gu if in_place else output(gu.shape, gu.dtype, gu.device)
+    glu_backward(dh, gu[:, :n], gu[:, n:], act, out=(dgu[:, :n], dgu[:, n:]))
+    return dgu
 
 
 def _gate_up(x: torch.Tensor, gate: Projection, up: Projection, p: float, seed: int, save_bits: bool,
@@ -78,10 +83,11 @@ def _gate_up(x: torch.Tensor, gate: Projection, up: Projection, p: float, seed: 
 # ----------------------------------------------------------------------------- autograd
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """Saves x, the adapters' inputs and the keep bits (the adapters, also inputs, stay
-    referenced on ctx); recomputes gate, up and the activation in backward.
+    """Saves x, the adapters' inputs and the keep bits (the adapters, also inputs, and the DoRA
+    rescales stay referenced on ctx), and the output when down is DoRA; recomputes gate, up and
+    the activation in backward.
     apply(x, (gate, up, down), act, dropout_p, seed, save_bits, *trainables) with trainables =
-    each projection's (lora_A, lora_B, bias)."""
+    each projection's (lora_A, lora_B, bias, magnitude)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -93,31 +99,36 @@ class LoRAMLPFunction(torch.autograd.Function):
         h = _glu_forward(gu, act)                              # [M, I]; [g | u] freed
         del gu
         saved_h = projections_forward(h, (down,), dropout_p, seed + 1, (y,), save_bits)
-        ctx.save_for_backward(x2d, saved_x.t, saved_x.bits, saved_h.t, saved_h.bits)
+        ctx.save_for_backward(x2d, saved_x.t, saved_x.bits, saved_h.t, saved_h.bits, y if down.dora else None)
         ctx.projs, ctx.act, ctx.dropout_p, ctx.x_shape = projs, act, dropout_p, x.shape
+        ctx.rescales = saved_x.rescales, saved_h.rescales
         return y.view(*x.shape[:-1], y.shape[1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x2d, t_x, bits_x, t_h, bits_h = ctx.saved_tensors
+        x2d, t_x, bits_x, t_h, bits_h, y = ctx.saved_tensors
         gate, up, down = ctx.projs
         p, need = ctx.dropout_p, ctx.needs_input_grad
-        needs = [tuple(need[6 + 3 * i + j] for j in range(3)) for i in range(3)]
+        needs = [need[6 + TRAINABLES * i:6 + TRAINABLES * (i + 1)] for i in range(3)]
         dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)     # [M, H_out]
-        # 1. recompute [g | u] (with the forward's t) and h
-        gu, saved_x = _gate_up(x2d, gate, up, p, 0, False, Saved(t_x, bits_x))  # [M, 2I]
+        rescales_x, rescales_h = ctx.rescales
+        # 1. recompute [g | u] (with the forward's t and DoRA rescales) and h
+        gu, saved_x = _gate_up(x2d, gate, up, p, 0, False, Saved(t_x, bits_x, rescales_x))  # [M, 2I]
         h = _glu_forward(gu, ctx.act)                          # [M, I]
         # 2. down: dh, and its adapter's gradients
-        dh, (down_grads,) = projections_backward([dy], h, (down,), p, Saved(t_h, bits_h), True, needs[2:])
+        dh, (down_grads,) = projections_backward([dy], h, (down,), p, Saved(t_h, bits_h, rescales_h), True,
+                                                 needs[2:], [y])
         del h
-        # 3. [g | u] ← [dg | du], in place
-        dgu = _glu_backward_(dh, gu, ctx.act)
+        # 3. [dg | du], over [g | u] unless a DoRA gate/up still needs its output
+        n = gate.out_features
+        keep_gu = gate.dora or up.dora
+        dgu = _glu_backward(dh, gu, ctx.act, in_place=not keep_gu)
         del dh
         # 4. gate and up: dX in one pass, and their adapters' gradients
-        n = gate.out_features
         dx, (gate_grads, up_grads) = projections_backward([dgu[:, :n], dgu[:, n:]], x2d, (gate, up), p, saved_x,
-                                                          need[0], needs[:2])
+                                                          need[0], needs[:2],
+                                                          [gu[:, :n], gu[:, n:]] if keep_gu else None)
         return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None, None,
                 *gate_grads, *up_grads, *down_grads)
 
@@ -131,7 +142,8 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
     Args:
         x: [..., H], fp32/fp16/bf16, any strides.
         gate, up: `Projection`s [I, H]; down: [H_out, I]; each over a dense base in x's dtype or
-            a packed 4-bit base, with optional adapter (lora_A, lora_B, scaling) and bias.
+            a packed 4-bit base, with optional adapter (lora_A, lora_B, scaling; DoRA with a
+            `magnitude`, which needs dropout_p = 0) and bias.
         act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh approximation).
         dropout_p: dropout on the adapters' inputs, in [0, 1): one mask over x for gate and up,
             one over h for down.

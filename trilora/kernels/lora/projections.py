@@ -22,6 +22,10 @@ Design choices:
 - s_i·B_i is rounded once to the compute dtype (one launch for all t_i has one scale), where
   `lora_linear` rounds s·t instead: a different, equally small rounding.
 - A projection without adapter (k_proj when LoRA targets q and v) is a base-only segment.
+- A DoRA projection (`magnitude` given; dropout 0) adds its column rescale c = m/‖W + s·BA‖ to
+  its GEMM's epilogue (`dora_math.py`): y_i = c_i ⊙ z_i + b_i. Its backward feeds
+  dZ_i = dY_i ⊙ c_i to the pass above and gets dm_i = Σ_rows dY_i ⊙ z_i / n_i from the output
+  (z_i = (y_i − b_i)/c_i), which the block keeps for it.
 - The base weights are frozen (no gradient), as in `lora_linear`.
 
 Reading order: `Projection` → reference → forward/backward → autograd Function → public ops.
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 
 from ..backend import autocast_dtype, resolve_backend
 from ..quant_state import QuantStateLike
-from .checks import cast_floats, check_frozen, check_lora_linear_inputs
+from .checks import cast_floats, check_frozen, check_lora_linear_inputs, check_magnitude
+from .dora_math import Rescale, dora_linear_ref, rescale_backward
 from .dropout import lora_dropout_mask, resolve_seed
 from .engine import BaseWeight, gemm, lowrank, matmul_tn, output
 from .linear import linear_4bit_ref, lora_linear_ref
@@ -50,6 +55,9 @@ class Projection:
     weight: dense [out, in], or packed 4-bit uint8 with `quant_state` (as `lora_linear` takes it).
     lora_A [r, in], lora_B [out, r], scaling (alpha / r): both None for a base-only projection.
     bias: [out] or None.
+    magnitude: DoRA's m [out] (fp32 or the compute dtype): the adapter is DoRA; None: LoRA.
+    weight_sq: ‖W‖² per row, fp32 [out] (`base_sq_norm`), when the caller keeps it; else a DoRA
+        projection computes it at every call.
     """
     weight: torch.Tensor
     quant_state: QuantStateLike | None = None
@@ -57,6 +65,8 @@ class Projection:
     lora_B: torch.Tensor | None = None
     scaling: float = 1.0
     bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    weight_sq: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -69,16 +79,27 @@ class Projection:
     def base(self) -> BaseWeight:
         return BaseWeight.of(self.weight, self.quant_state)
 
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
     def trainables(self) -> tuple:
-        """(lora_A, lora_B, bias): the tensors that may get a gradient."""
-        return self.lora_A, self.lora_B, self.bias
+        """(lora_A, lora_B, bias, magnitude): the tensors that may get a gradient (TRAINABLES of them)."""
+        return self.lora_A, self.lora_B, self.bias, self.magnitude
+
+
+TRAINABLES = 4  # len(Projection.trainables()): how the autograd Functions count their inputs
 
 
 # ----------------------------------------------------------------------------- reference
 
 def projection_ref(x: torch.Tensor, proj: Projection, dropout_p: float = 0.0,
                    dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-PyTorch `x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` (autograd through torch ops)."""
+    """Plain-PyTorch `x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` (autograd through torch ops); DoRA's
+    `dora_linear_ref` for a DoRA projection."""
+    if proj.dora:
+        return dora_linear_ref(x, proj.weight, proj.lora_A, proj.lora_B, proj.scaling, proj.magnitude, proj.bias,
+                               dropout_p, proj.quant_state, dropout_mask)
     if proj.lora_A is None:
         if proj.quant_state is None:
             return F.linear(x, proj.weight, proj.bias)
@@ -97,10 +118,11 @@ def lora_projections_ref(x: torch.Tensor, projs, dropout_p: float = 0.0,
 
 @dataclass
 class Saved:
-    """What a block's backward needs of its forward: the adapters' inputs t [M, Σr] and the
-    keep bits of x (None without dropout)."""
+    """What a block's backward needs of its forward: the adapters' inputs t [M, Σr], the
+    keep bits of x (None without dropout) and each projection's DoRA `Rescale` (None: LoRA)."""
     t: torch.Tensor | None
     bits: torch.Tensor | None
+    rescales: list | None = None
 
 
 def _split(t: torch.Tensor | None, projs) -> list:
@@ -116,30 +138,50 @@ def projections_forward(x: torch.Tensor, projs, dropout_p: float, seed: int, out
                         saved: Saved | None = None) -> Saved:
     """Triton: outs[i] [M, N_i] (any strides) = x W_iᵀ + b_i + s_i·(x ⊙ keep)/(1-p) A_iᵀ B_iᵀ.
 
-    x [M, in]; one keep-mask (from `seed`) for every projection. `saved` (a previous call's
-    return) reuses its t instead of recomputing it. Returns what the backward needs.
+    x [M, in]; one keep-mask (from `seed`) for every projection; a DoRA projection's outs[i] is
+    c_i ⊙ z_i + b_i. `saved` (a previous call's return) reuses its t and DoRA rescales instead
+    of recomputing them. Returns what the backward needs.
     """
     if saved is None:
         t, bits = None, None
         if any(p.rank for p in projs):
             a = torch.cat([p.lora_A for p in projs if p.rank])                # [Σr, in], tiny
             t, bits = lowrank(x, a, 1.0 / (1.0 - dropout_p), seed, dropout_p, write_bits=save_bits)
-        saved = Saved(t, bits)
-    for proj, t_i, out in zip(projs, _split(saved.t, projs), outs):
-        lr = None if t_i is None else (t_i, (proj.lora_B.float() * proj.scaling).to(x.dtype).t())
-        gemm(out, [(x, proj.base())], True, lowrank=lr, bias=proj.bias)
+        rescales = [Rescale.of(p.weight, p.quant_state, p.lora_A, p.lora_B, p.scaling, p.magnitude, p.weight_sq)
+                    if p.dora else None for p in projs]
+        saved = Saved(t, bits, rescales)
+    for proj, t_i, out, rescale in zip(projs, _split(saved.t, projs), outs, saved.rescales or [None] * len(projs)):
+        gemm(out, [(x, proj.base())], True, lowrank=_lowrank_term(proj, t_i, x.dtype), bias=proj.bias,
+             col_scale=None if rescale is None else rescale.col_scale)
     return saved
 
 
+def _lowrank_term(proj: Projection, t_i: torch.Tensor | None, dtype: torch.dtype):
+    """(t_i, (s·B_i)ᵀ) of the fused GEMM, None for a base-only projection."""
+    return None if t_i is None else (t_i, (proj.lora_B.float() * proj.scaling).to(dtype).t())
+
+
 def projections_backward(dys, x: torch.Tensor, projs, dropout_p: float, saved: Saved, need_dx: bool,
-                         needs) -> tuple[torch.Tensor | None, list[tuple]]:
+                         needs, ys=None) -> tuple[torch.Tensor | None, list[tuple]]:
     """Triton backward of `projections_forward`.
 
-    dys[i] [M, N_i] (any strides), x [M, in]; needs[i] = (dA, dB, dbias) flags of projection i.
-    Returns (dX [M, in] or None, [(dA_i, dB_i, dbias_i)]), None where not needed or absent.
+    dys[i] [M, N_i] (any strides), x [M, in]; needs[i] = (dA, dB, dbias, dm) flags of
+    projection i; ys[i] the forward's output of each DoRA projection (None for the others).
+    Returns (dX [M, in] or None, [(dA_i, dB_i, dbias_i, dm_i)]), None where not needed or absent.
     """
     inv_keep = 1.0 / (1.0 - dropout_p)
-    grads = [[None, None, None] for _ in projs]
+    grads = [[None] * TRAINABLES for _ in projs]
+    # 0. DoRA: the rescale's backward, dY_i → dZ_i = dY_i ⊙ c_i for everything below but dbias
+    dbias_from = list(dys)
+    dys = list(dys)
+    for i, (proj, rescale) in enumerate(zip(projs, saved.rescales or [None] * len(projs))):
+        if rescale is not None:
+            t_i = _split(saved.t, projs)[i]
+            recompute_z = lambda i=i, t_i=t_i: gemm(  # noqa: E731
+                output(dys[i].shape, x.dtype, x.device), [(x, projs[i].base())], True,
+                lowrank=_lowrank_term(projs[i], t_i, x.dtype))
+            dys[i], grads[i][3] = rescale_backward(dys[i], ys[i], proj.bias, rescale, recompute_z,
+                                                   proj.magnitude.dtype if needs[i][3] else None)
     adapted = [i for i, p in enumerate(projs) if p.rank]
     need_da = [i for i in adapted if needs[i][0]]
     u = a = None
@@ -164,18 +206,19 @@ def projections_backward(dys, x: torch.Tensor, projs, dropout_p: float, saved: S
     # 5. dbias_i = Σ_m dY_i
     for i, proj in enumerate(projs):
         if proj.bias is not None and needs[i][2]:
-            grads[i][2] = dys[i].sum(0, dtype=torch.float32).to(proj.bias.dtype)
+            grads[i][2] = dbias_from[i].sum(0, dtype=torch.float32).to(proj.bias.dtype)
     return dx, [tuple(g) for g in grads]
 
 
 # ----------------------------------------------------------------------------- autograd
 
 class LoRAProjectionsFunction(torch.autograd.Function):
-    """x → (y_0, y_1, ...) of 1-3 LoRA projections sharing x. Saves x, t and the keep bits; the
-    projections (frozen bases and the adapters, which are also inputs) stay referenced on ctx.
+    """x → (y_0, y_1, ...) of 1-3 LoRA projections sharing x. Saves x, t, the keep bits and the
+    outputs of DoRA projections; the projections (frozen bases and the adapters, which are also
+    inputs) and the DoRA rescales stay referenced on ctx.
 
     apply(x, projs, dropout_p, seed, save_bits, *trainables): trainables = the projections'
-    (lora_A, lora_B, bias) in order, passed separately so autograd routes their gradients.
+    (lora_A, lora_B, bias, magnitude) in order, passed separately so autograd routes their gradients.
     """
 
     @staticmethod
@@ -184,18 +227,21 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])  # [M, in]
         outs = [output((x2d.shape[0], p.out_features), x.dtype, x.device) for p in projs]
         saved = projections_forward(x2d, projs, dropout_p, seed, outs, save_bits)
-        ctx.save_for_backward(x2d, saved.t, saved.bits)
-        ctx.projs, ctx.dropout_p, ctx.x_shape = projs, dropout_p, x.shape
+        ctx.save_for_backward(x2d, saved.t, saved.bits, *(o for o, p in zip(outs, projs) if p.dora))
+        ctx.projs, ctx.dropout_p, ctx.x_shape, ctx.rescales = projs, dropout_p, x.shape, saved.rescales
         return tuple(o.view(*x.shape[:-1], o.shape[1]) for o in outs)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, *dys):
-        x2d, t, bits = ctx.saved_tensors
+        x2d, t, bits, *dora_ys = ctx.saved_tensors
         dys = [dy.reshape(-1, dy.shape[-1]).to(x2d.dtype) for dy in dys]
         need = ctx.needs_input_grad
-        needs = [tuple(need[5 + 3 * i + j] for j in range(3)) for i in range(len(ctx.projs))]
-        dx, grads = projections_backward(dys, x2d, ctx.projs, ctx.dropout_p, Saved(t, bits), need[0], needs)
+        needs = [need[5 + TRAINABLES * i:5 + TRAINABLES * (i + 1)] for i in range(len(ctx.projs))]
+        ys = iter(dora_ys)
+        ys = [next(ys) if p.dora else None for p in ctx.projs]
+        dx, grads = projections_backward(dys, x2d, ctx.projs, ctx.dropout_p, Saved(t, bits, ctx.rescales), need[0],
+                                         needs, ys)
         return (None if dx is None else dx.view(ctx.x_shape), None, None, None, None,
                 *[g for triple in grads for g in triple])
 
@@ -216,6 +262,13 @@ def check_projection(x: torch.Tensor, proj: Projection, dropout_p: float, name: 
         a, b = x.new_zeros(1, x.shape[-1]), x.new_zeros(out, 1)
     try:
         check_lora_linear_inputs(x, proj.weight, a, b, proj.scaling, proj.bias, dropout_p, proj.quant_state)
+        if proj.dora:
+            if proj.lora_A is None:
+                raise ValueError("a DoRA magnitude needs lora_A and lora_B")
+            if dropout_p > 0:
+                raise ValueError(f"a DoRA projection takes dropout_p = 0 in a fused block, got {dropout_p} "
+                                 "(dora_linear takes DoRA with dropout)")
+            check_magnitude(proj.magnitude, b.shape[0], x.device)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{name}: {err}") from None
 
@@ -226,7 +279,8 @@ def autocast_projections(x: torch.Tensor, projs) -> tuple[torch.Tensor, tuple]:
     if dtype is None:
         return x, tuple(projs)
     return cast_floats(dtype, x)[0], tuple(
-        Projection(*cast_floats(dtype, p.weight, p.quant_state, p.lora_A, p.lora_B, p.scaling, p.bias)) for p in projs)
+        Projection(*cast_floats(dtype, p.weight, p.quant_state, p.lora_A, p.lora_B, p.scaling, p.bias),
+                   p.magnitude, p.weight_sq) for p in projs)  # m keeps its dtype (its gradient's), as in dora_linear
 
 
 def wants_grad(x: torch.Tensor, projs) -> bool:
@@ -241,7 +295,8 @@ def lora_projections(x: torch.Tensor, projs, dropout_p: float = 0.0, backend: st
 
     Args:
         x: [..., in], fp32/fp16/bf16, any strides.
-        projs: 1-3 `Projection`s in x's dtype (packed 4-bit bases are dequantized to it).
+        projs: 1-3 `Projection`s in x's dtype (packed 4-bit bases are dequantized to it); a
+            DoRA one (`magnitude` given) needs dropout_p = 0 and gets m's gradient too.
         dropout_p: dropout on the adapters' input, in [0, 1); ONE mask for all projections.
         backend: "auto" (Triton on CUDA or under the interpreter), "triton" or "torch".
         seed: dropout seed in [0, 2**62); both backends derive the same mask from it
