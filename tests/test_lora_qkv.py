@@ -203,3 +203,26 @@ def test_input_errors():
         lora_qkv(x, q, k, Projection(v.weight, None, v.lora_A, v.lora_B, magnitude=torch.ones(23)), backend="triton")
     with pytest.raises(ValueError, match="frozen"):
         lora_qkv(x, Projection(q.weight.clone().requires_grad_(), None, q.lora_A, q.lora_B), k, v, backend="triton")
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="bf16 kernels are only exact on a GPU")
+@pytest.mark.parametrize("quant,dora", [(None, False), (("nf4", True, 64), False), (("nf4", True, 64), True)])
+def test_bf16_gpu(quant, dora):
+    """bf16 at a size that takes the real tiles (M = 999, hidden 512, GQA 512/128/128): every
+    output and gradient within 2 × torch-bf16's error against float64; DoRA on q and v."""
+    g = torch.Generator().manual_seed(31)
+    hidden, sizes = 512, (512, 128, 128)
+    x = torch.randn(3, 333, hidden, generator=g).to(DEV, torch.bfloat16)
+    dys = [torch.randn(3, 333, n, generator=g).to(DEV, torch.bfloat16) for n in sizes]
+    projs = [make_projection(n, hidden, r, torch.bfloat16, True, quant, seed=40 + i)
+             for i, (n, r) in enumerate(zip(sizes, (16, 0, 12)))]
+    if dora:
+        projs = [with_dora(projs[0], 0), projs[1], with_dora(projs[2], 2)]
+    ours = run(x, projs, dys, 0.0, 7)
+    ref = run(x, projs, dys, 0.0, 7, dtype=torch.float64)
+    base = run(x, projs, dys, 0.0, 7, backend="torch")
+    for name in ref:
+        check(ours[name], ref[name], base[name], name, dtype=torch.bfloat16)
