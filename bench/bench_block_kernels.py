@@ -37,6 +37,7 @@ from common import default_out, median_ms, ratio, require_cuda, row, write_rows 
 
 from trilora.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 from trilora.kernels.lora import Projection, lora_mlp, lora_qkv  # noqa: E402
+from trilora.kernels.lora.dora_math import base_sq_norm  # noqa: E402
 from trilora.kernels.rms_norm import rms_norm  # noqa: E402
 from trilora.kernels.rope import apply_rotary_pos_emb  # noqa: E402
 from trilora.kernels.glu import swiglu  # noqa: E402
@@ -220,6 +221,15 @@ def _peft_linear(x, w, a, b, scaling, quant_state):
     return base + F.linear(F.linear(x, a), b) * scaling
 
 
+def _peft_dora_linear(x, w, a, b, scaling, quant_state, magnitude):
+    """PEFT's DoRA layer (dropout 0): the LoRA layer's output rescaled by m / ‖W + s·BA‖, the
+    norm detached, W dequantized for it as PEFT does over a 4-bit base."""
+    from trilora.quant import dequantize_4bit
+    dense = w if quant_state is None else dequantize_4bit(w, quant_state, x.dtype)
+    norm = (dense.float() + scaling * (b.float() @ a.float())).norm(dim=1).detach()
+    return _peft_linear(x, w, a, b, scaling, quant_state) * (magnitude / norm).to(x.dtype)
+
+
 def _lora_block_rows(smoke, s, device, backend, gemm_tflops) -> list[dict]:
     from trilora.quant import quantize_4bit
     n, h, i, r = s["batch"] * s["seq"], s["hidden"], s["inter"], LORA_RANK
@@ -266,6 +276,24 @@ def _lora_block_rows(smoke, s, device, backend, gemm_tflops) -> list[dict]:
             return lin(F.silu(lin(xx, 0)) * lin(xx, 1), 2)  # down(act(gate(x)) * up(x))
         add("lora_mlp", (n, h, i), quant, ours_mlp, base_mlp, [x, *adapters(mlp_shapes)], [rnd(n, h)],
             3 * 2 * n * h * i)
+
+    # DoRA MLP over NF4: magnitudes fp32 as the adapter layer keeps them, ‖W‖² cached as patching does
+    bases = [quantize_4bit(w, "nf4", 64, True, backend=backend) for w in dense]
+    sq = [base_sq_norm(w, qs) for w, qs in bases]
+    ab = adapters(mlp_shapes)
+    mags = [sq_j.sqrt().requires_grad_() for sq_j in sq]  # DoRA's init: m = ‖W‖
+
+    def ours_dora_mlp(xx, *abm):
+        projs = [Projection(w, qs, abm[2 * j], abm[2 * j + 1], scaling, magnitude=abm[6 + j], weight_sq=sq[j])
+                 for j, (w, qs) in enumerate(bases)]
+        return lora_mlp(xx, *projs, backend=backend)
+
+    def base_dora_mlp(xx, *abm):
+        def lin(t, j):
+            return _peft_dora_linear(t, bases[j][0], abm[2 * j], abm[2 * j + 1], scaling, bases[j][1], abm[6 + j])
+        return lin(F.silu(lin(xx, 0)) * lin(xx, 1), 2)
+    add("lora_mlp_dora", (n, h, i), "nf4", ours_dora_mlp, base_dora_mlp, [x, *ab, *mags], [rnd(n, h)],
+        3 * 2 * n * h * i)
 
     # LoRA QKV: q [Hq·D, H], k and v [Hkv·D, H], dense bases
     qkv_shapes = ((nq, h), (nkv, h), (nkv, h))

@@ -15,6 +15,7 @@ peak_mem_gb (the largest rank's peak allocated memory, weights included), param_
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -33,11 +34,22 @@ def worker(args) -> None:
     """One rank under torchrun: build, shard, train `--steps` steps, rank 0 writes its facts."""
     import torch.distributed as dist
 
+    dist.init_process_group("gloo" if args.smoke else "nccl")
+    _measure(args, dist)
+    # The sharded model and optimizer hold the process group (FSDP's device mesh): free them
+    # while the interpreter is alive, or gloo's worker threads are torn down at exit, which
+    # aborts ("terminate called without an active exception") in about one run in ten.
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _measure(args, dist) -> None:
+    """This rank's model built, sharded and trained; rank 0 writes the facts. Everything it
+    made is garbage once it returns, so the group can be destroyed cleanly."""
     from bench_train_step import build, model_config
     from trilora.trainer.sharding import bytes_per_rank, shard_model
 
     smoke = args.smoke
-    dist.init_process_group("gloo" if smoke else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = "cpu" if smoke else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if not smoke:
@@ -77,7 +89,6 @@ def worker(args) -> None:
             "nproc": world, "ms": ms, "peak_mem_gb": None if smoke else max(peaks),
             "param_gb_per_rank": local_bytes / 2**30, "param_gb_total": total_bytes / 2**30,
             "tokens_per_step": world * args.batch_size * args.seq, "patched": notes.get("patched")}))
-    dist.destroy_process_group()
 
 
 def bench(smoke: bool, nprocs: list[int], layers: int, seq: int, batch_size: int, steps: int) -> list[dict]:
@@ -94,7 +105,7 @@ def bench(smoke: bool, nprocs: list[int], layers: int, seq: int, batch_size: int
             env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if smoke else {})}
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode != 0:
-                raise SystemExit(f"torchrun with {n} processes failed:\n{done.stderr[-3000:]}")
+                raise SystemExit(f"torchrun with {n} processes failed:\n{done.stderr[-8000:]}")
             results[n] = json.loads(facts.read_text())
     base = results.get(1)
     rows = []

@@ -7,6 +7,7 @@ whole model loaded in host memory, then sharded). Rank 0 writes OUT_DIR/state.sa
 writes OUT_DIR/rank<r>.json with its peak host-memory growth during the load, the bytes
 of its parameter shards, of all parameters, and of one row of each (the rounding of dim-0
 shards)."""
+import gc
 import json
 import os
 import sys
@@ -107,8 +108,9 @@ def main(model_dir, out, mode, quantize, dora):
     Path(out, f"rank{rank}.json").write_text(json.dumps({"growth": growth, "local": local, "total": total,
                                                            "row_bytes": row_bytes}))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    gc.collect()  # the sharded model holds the group: free it first, or gloo can abort at exit
+    dist.destroy_process_group()

@@ -17,8 +17,9 @@ BLOCK_OPS = {"rms_norm", "rms_norm_gemma", "rope", "swiglu", "fused_linear_cross
 def smoke_rows(script: str, tmp_path, *flags: str) -> list[dict]:
     """The JSON rows `bench/<script> --smoke` writes (a fresh process, interpreter off)."""
     out = tmp_path / "rows.json"
-    subprocess.run([sys.executable, f"bench/{script}", "--smoke", *flags, "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True, env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0"})
+    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", *flags, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, f"bench/{script} --smoke exited {done.returncode}:\n{done.stderr[-4000:]}"
     return json.loads(out.read_text())
 
 
@@ -129,7 +130,8 @@ def test_bench_rows_smoke(tmp_path):
     """bench/bench_block_kernels.py --smoke --lora-blocks: the LoRA block rows, no CPU timings."""
     rows = [r for r in smoke_rows("bench_block_kernels.py", tmp_path, "--lora-blocks") if r["op"].startswith("lora_")]
     assert {(r["op"], r["base"], r["mode"]) for r in rows} == {
-        (op, base, mode) for op, base in (("lora_mlp", "dense"), ("lora_mlp", "nf4"), ("lora_qkv", "dense"))
+        (op, base, mode) for op, base in (("lora_mlp", "dense"), ("lora_mlp", "nf4"), ("lora_mlp_dora", "nf4"),
+                                          ("lora_qkv", "dense"))
         for mode in ("fwd", "fwd+bwd")}
     for r in rows:
         assert r["baseline"] == "hf_peft" and r["rank"] == 16 and r["device"].startswith("cpu-smoke")

@@ -143,6 +143,23 @@ def test_fsdp_needs_torchrun(data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_run_ends_the_process_group_it_made(data, tmp_path, monkeypatch):
+    """A gloo group left to the interpreter's exit can abort a finished run (exit -6): train()
+    destroys the group it made, in one process as torchrun would set it up."""
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(key, str(value))
+    assert not dist.is_initialized()
+    code, _, err = run_cli(_args(tmp_path / "out", data, "lora", steps=2, save_every=0, eval_every=2, fsdp=True))
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "out" / "adapter").is_dir() and not dist.is_initialized()
+
+
 @pytest.mark.slow
 def test_fused_blocks_and_activation_checkpointing_under_fsdp(data, tmp_path):
     """trilora.patch's fused modules and activation checkpointing inside FSDP units train as
