@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ from .finish import finish, sharded_bytes
 from .fewshot import check_few_shot, evaluate_few_shot
 from .sharded_checkpoint import is_sharded_dir, load_sharded as load_sharded_weights
 from .sharded_loading import load_sharded
-from .sharding import check_can_shard, full_trainable, shard_model
+from .sharding import check_can_shard, full_trainable, process_group, shard_model
 from .loading import check_model_dir, load_model, load_tokenizer
 from .checkpoint import resume_point
 from .loop import Trainer
@@ -256,28 +255,9 @@ def train(config: TrainConfig) -> dict:
     if config.fsdp:
         check_can_shard()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.fsdp
-    own_group = distributed and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(config.output_dir)
-    try:
-        with _owned(out, config):
-            return _train(config, out)
-    finally:
-        if own_group:
-            _end_process_group()
-
-
-def _end_process_group() -> None:
-    """Destroy the process group this run made, once the model (whose DDP / FSDP state holds
-    it) is freed, as torch asks of every process. A gloo group left to the interpreter's exit
-    can abort a finished process ("terminate called without an active exception", exit -6):
-    9 of 40 bare two-process gloo scripts that left it so; `bench_fsdp.py`, which destroyed it
-    while its model still held it, 3 of 26 (15 trainer runs under torchrun did not show it)."""
-    gc.collect()
-    dist.destroy_process_group()
+    with process_group(distributed), _owned(out, config):
+        return _train(config, out)
 
 
 @contextlib.contextmanager
