@@ -44,16 +44,23 @@ def test_outputs_and_gradients_match_peft(arch):
     ids = input_ids()
     a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     assert max_diff(a, b) < 1e-5 and max_diff(a, logits(tiny(arch))) > 1e-2
+    compared = _backward_matches_peft(a, b, ours, theirs, 1e-5)
+    assert compared == len(TARGETS[arch]) * 2  # every magnitude got its gradient (2 layers)
+
+
+def _backward_matches_peft(a, b, ours, theirs, tol: float) -> int:
+    """Backward of the same loss of our logits `a` and PEFT's `b`: every gradient PEFT's model
+    gets, ours gets within tol × max(1, its size); returns how many were magnitudes."""
     a.square().mean().backward()
     b.square().mean().backward()
     mine = dict(ours.named_parameters())
-    compared = 0
+    magnitudes = 0
     for n, p in theirs.named_parameters():
         if p.grad is not None:
             ref = p.grad.abs().max().item()
-            assert max_diff(mine[n.removeprefix("base_model.model.")].grad, p.grad) <= 1e-5 * max(1.0, ref), n
-            compared += "lora_magnitude_vector" in n
-    assert compared == len(TARGETS[arch]) * 2  # every magnitude got its gradient (2 layers)
+            assert max_diff(mine[n.removeprefix("base_model.model.")].grad, p.grad) <= tol * max(1.0, ref), n
+            magnitudes += "lora_magnitude_vector" in n
+    return magnitudes
 
 
 def test_dropout_matches_peft_formula():
@@ -235,16 +242,7 @@ def test_patch_fuses_dora_blocks_without_dropout():
     ids = input_ids()
     a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     assert max_diff(a, b) < 1e-4
-    a.square().mean().backward()
-    b.square().mean().backward()
-    mine = dict(ours.named_parameters())
-    mags = 0
-    for n, p in theirs.named_parameters():
-        if p.grad is not None:
-            tol = 1e-4 * max(1.0, p.grad.abs().max().item())
-            assert max_diff(mine[n.removeprefix("base_model.model.")].grad, p.grad) <= tol, n
-            mags += "lora_magnitude_vector" in n
-    assert mags == 6  # q, v and down of both layers
+    assert _backward_matches_peft(a, b, ours, theirs, 1e-4) == 6  # q, v and down of both layers
 
     dropped = add_lora(twin(tiny("llama")), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"],
                                                        use_dora=True, dropout=0.1), backend="torch")
