@@ -212,7 +212,8 @@ def test_input_errors():
 @pytest.mark.parametrize("quant,dora", [(None, False), (("nf4", True, 64), False), (("nf4", True, 64), True)])
 def test_bf16_gpu(quant, dora):
     """bf16 at a size that takes the real tiles (M = 999, hidden 512, GQA 512/128/128): every
-    output and gradient within 2 × torch-bf16's error against float64; DoRA on q and v."""
+    output and gradient within 2 × torch-bf16's error against float64; DoRA on q (one
+    magnitude 0) and v."""
     g = torch.Generator().manual_seed(31)
     hidden, sizes = 512, (512, 128, 128)
     x = torch.randn(3, 333, hidden, generator=g).to(DEV, torch.bfloat16)
@@ -221,6 +222,7 @@ def test_bf16_gpu(quant, dora):
              for i, (n, r) in enumerate(zip(sizes, (16, 0, 12)))]
     if dora:
         projs = [with_dora(projs[0], 0), projs[1], with_dora(projs[2], 2)]
+        projs[0].magnitude[5] = 0.0  # q's z recomputed: the zero found through the forward's host flag
     ours = run(x, projs, dys, 0.0, 7)
     ref = run(x, projs, dys, 0.0, 7, dtype=torch.float64)
     base = run(x, projs, dys, 0.0, 7, backend="torch")

@@ -64,13 +64,15 @@ def _lora_linear(m, k, n, quant, p, dtype=BF16):
 def _dora_linear(m, k, n, quant):
     """DoRA's fused GEMM: the LoRA GEMM with the rescale m/n and the bias in its epilogue."""
     from trilora.kernels.lora.dora import DoRALinearFunction
+    from trilora.kernels.lora.dora_math import Rescale
     from trilora.kernels.lora.engine import BaseWeight
     x = torch.empty(m, k, dtype=BF16, requires_grad=True)
     A = torch.empty(RANK, k, dtype=BF16, requires_grad=True)
     B = torch.empty(n, RANK, dtype=BF16, requires_grad=True)
     mag = torch.ones(n, requires_grad=True)
     w, qs = (torch.empty(n, k, dtype=BF16), None) if quant is None else nf4_state(n, k)
-    y = DoRALinearFunction.apply(x, BaseWeight.of(w, qs), A, B, torch.empty(n, dtype=BF16), 2.0, mag, torch.ones(n))
+    y = DoRALinearFunction.apply(x, BaseWeight.of(w, qs), A, B, torch.empty(n, dtype=BF16), 2.0, mag,
+                                 Rescale(torch.ones(n), torch.ones(n)))
     y.backward(torch.empty_like(y))
 
 

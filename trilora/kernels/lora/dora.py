@@ -37,32 +37,32 @@ class DoRALinearFunction(torch.autograd.Function):
     back from the saved output (z itself is recomputed by one GEMM if some c is 0). Saved:
     x, A, B, t = x Aᵀ [M, r], y (the output: shared with whoever else keeps it), c and n.
 
-    apply(x, base: BaseWeight, lora_A, lora_B, bias, scaling, magnitude [out], norm [out] fp32).
+    apply(x, base: BaseWeight, lora_A, lora_B, bias, scaling, magnitude [out], rescale: Rescale
+    (c and n of this magnitude)).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, base, lora_A, lora_B, bias, scaling, magnitude, norm):
+    def forward(ctx, x, base, lora_A, lora_B, bias, scaling, magnitude, rescale):
         x2d = x.reshape(-1, x.shape[-1])
         n_out = lora_B.shape[0]
         t, _ = lowrank(x2d, lora_A, scaling)
-        col_scale = magnitude.detach().float() / norm
         y = gemm(output((x2d.shape[0], n_out), x.dtype, x.device), [(x2d, base)], True, lowrank=(t, lora_B.t()),
-                 bias=bias, col_scale=col_scale)
-        ctx.save_for_backward(x2d, lora_A, lora_B, t, y, col_scale, norm, bias)
-        ctx.base, ctx.x_shape, ctx.scaling = base, x.shape, scaling
+                 bias=bias, col_scale=rescale.col_scale)
+        ctx.save_for_backward(x2d, lora_A, lora_B, t, y, bias)
+        ctx.base, ctx.x_shape, ctx.scaling, ctx.rescale = base, x.shape, scaling, rescale
         ctx.magnitude_dtype = magnitude.dtype
         return y.view(*x.shape[:-1], n_out)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x2d, lora_A, lora_B, t, y, col_scale, norm, bias = ctx.saved_tensors
+        x2d, lora_A, lora_B, t, y, bias = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype)
         need = ctx.needs_input_grad
         recompute_z = lambda: gemm(output(y.shape, y.dtype, y.device), [(x2d, ctx.base)], True,  # noqa: E731
                                    lowrank=(t, lora_B.t()))
-        dz, dm = rescale_backward(dy, y, bias, Rescale(col_scale, norm), recompute_z,
+        dz, dm = rescale_backward(dy, y, bias, ctx.rescale, recompute_z,
                                   ctx.magnitude_dtype if need[6] else None)
         dx, da, dlb = lora_backward(dz, x2d, lora_A, lora_B, t, None, ctx.base, ctx.scaling, 0.0,
                                     need[0], need[2], need[3])
@@ -98,7 +98,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         x_in, rest = x, None
     check_frozen(weight)
     y = DoRALinearFunction.apply(x_in, BaseWeight.of(weight, quant_state), lora_A, lora_B, bias, float(scaling),
-                                 magnitude, rescale.norm)
+                                 magnitude, rescale)
     return y if rest is None else y + rest
 
 

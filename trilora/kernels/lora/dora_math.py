@@ -16,7 +16,8 @@ GEMM with A's r rows as its input (a 4-bit W unpacked in the kernel's K-loop), A
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -83,12 +84,33 @@ def dora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     return y if bias is None else y + bias
 
 
+def _host_flag(flag: torch.Tensor) -> Callable[[], bool]:
+    """A 0-d bool tensor copied to the host without waiting for it: the returned function reads
+    it, waiting only until the stream has passed this point (long done when a backward asks)."""
+    if not flag.is_cuda:
+        return lambda: bool(flag)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> bool:
+        copied.synchronize()
+        return bool(host)
+    return read
+
+
 @dataclass
 class Rescale:
     """The DoRA column rescale of one projection in a forward: c = m/n (fp32 [out], the GEMM's
-    `col_scale`) and the detached norm n (fp32 [out])."""
+    `col_scale`), the detached norm n (fp32 [out]) and `has_zero()`, whether some c is 0 (then
+    z cannot be read back from y), fetched in the forward so the backward never syncs for it."""
     col_scale: torch.Tensor
     norm: torch.Tensor
+    has_zero: Callable[[], bool] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.has_zero = _host_flag((self.col_scale == 0).any())
 
     @staticmethod
     def of(weight, quant_state, lora_A, lora_B, scaling: float, magnitude: torch.Tensor,
@@ -109,7 +131,7 @@ def rescale_backward(dy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | Non
     dz = (dy.float() * c).to(dy.dtype)
     dm = None
     if magnitude_dtype is not None:
-        if bool((c == 0).any()):  # z cannot be read back from y
+        if rescale.has_zero():  # z cannot be read back from y
             z = recompute_z().float()
         else:
             z = (y.float() if bias is None else y.float() - bias.float()) / c
