@@ -12,7 +12,13 @@ if not torch.cuda.is_available():
     # (a 0.5 s test took 43 s); the tensors here are tiny, one thread is fastest
     torch.set_num_threads(1)
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
+
+if importlib.util.find_spec("bitsandbytes") is not None:  # the 4-bit references, alike on every CPU
+    from _bnb import use_portable_cpu_kernels
+    use_portable_cpu_kernels()
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -157,7 +157,9 @@ def test_adapter_records_and_merge_applies_the_scaling(long_run, tmp_path):
     load_adapter(unscaled, out / "adapter", backend="torch")
     with torch.no_grad():
         a, b, c = (m.eval()(long_ids()).logits for m in (ours, plain, unscaled))
-    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    # fp32 over a long sequence: W + s·BA merged rounds apart from the two products (1.1e-4 on an
+    # AVX512 CPU); the unscaled base below is 1e-2 away
+    torch.testing.assert_close(b, a, rtol=0, atol=5e-4)
     assert (c - a).abs().max() > 1e-2  # the adapter on an unscaled base would be another model
 
 
