@@ -86,7 +86,9 @@ def dora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
 
 def _host_flag(flag: torch.Tensor) -> Callable[[], bool]:
     """A 0-d bool tensor copied to the host without waiting for it: the returned function reads
-    it, waiting only until the stream has passed this point (long done when a backward asks)."""
+    it, waiting only until the stream has passed this point — long done when the backward asks,
+    unless activation checkpointing re-ran this forward just before (then it waits, as a plain
+    read would)."""
     if not flag.is_cuda:
         return lambda: bool(flag)
     host = torch.empty((), dtype=torch.bool, pin_memory=True)
