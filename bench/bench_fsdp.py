@@ -15,7 +15,6 @@ peak_mem_gb (the largest rank's peak allocated memory, weights included), param_
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -31,21 +30,18 @@ from common import default_out, require_cuda, row, write_rows  # noqa: E402
 
 
 def worker(args) -> None:
-    """One rank under torchrun: build, shard, train `--steps` steps, rank 0 writes its facts."""
+    """One rank under torchrun: build, shard, train `--steps` steps, rank 0 writes its facts.
+    The group (gloo for --smoke, whose ranks see no GPU; else nccl) is the trainer's
+    `process_group`, destroyed once `_measure`'s model is garbage."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo" if args.smoke else "nccl")
-    _measure(args, dist)
-    # The sharded model and optimizer hold the process group (FSDP's device mesh): free them
-    # while the interpreter is alive, or gloo's worker threads are torn down at exit, which
-    # aborts ("terminate called without an active exception") in about one run in ten.
-    gc.collect()
-    dist.destroy_process_group()
+    from trilora.trainer.sharding import process_group
+    with process_group(True):
+        _measure(args, dist)
 
 
 def _measure(args, dist) -> None:
-    """This rank's model built, sharded and trained; rank 0 writes the facts. Everything it
-    made is garbage once it returns, so the group can be destroyed cleanly."""
+    """This rank's model built, sharded and trained; rank 0 writes the facts."""
     from bench_train_step import build, model_config
     from trilora.trainer.sharding import bytes_per_rank, shard_model
 

@@ -35,7 +35,8 @@ class DoRALinearFunction(torch.autograd.Function):
     Backward: dZ = dY ⊙ c, then LoRA's backward of z (`lora_backward`: dX, dA, dB); n is
     detached (the paper's §4.3, PEFT's), so dm = Σ_rows dY ⊙ z / n, with z = (y − b)/c read
     back from the saved output (z itself is recomputed by one GEMM if some c is 0). Saved:
-    x, A, B, t = x Aᵀ [M, r], y (the output: shared with whoever else keeps it), c and n.
+    x, A, B, t = x Aᵀ [M, r], y (the output: shared with whoever else keeps it); the forward's
+    `Rescale` (c, n) stays on ctx.
 
     apply(x, base: BaseWeight, lora_A, lora_B, bias, scaling, magnitude [out], rescale: Rescale
     (c and n of this magnitude)).
